@@ -1,0 +1,19 @@
+"""ptcl: class-incremental continual learning on top of pre-trained models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ptcl.config import RunConfig, build_config  # noqa: E402
+from ptcl.errors import PtclError  # noqa: E402
+from ptcl.registry import BACKBONES, DATASETS, METHODS  # noqa: E402
+
+
+def run(*args, **kwargs):
+    """Run an experiment; see :func:`ptcl.engine.runner.run`."""
+    from ptcl.engine.runner import run as _run
+
+    return _run(*args, **kwargs)
+
+
+__all__ = ["BACKBONES", "DATASETS", "METHODS", "PtclError", "RunConfig", "build_config", "run", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from ptcl.cli import main
+
+sys.exit(main())

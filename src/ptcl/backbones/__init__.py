@@ -1,0 +1,6 @@
+"""Backbones: timm models by name, packaged offline weights, tiny test ViTs."""
+
+from ptcl.backbones.base import Backbone, Preprocess
+from ptcl.backbones.timm_models import build_backbone
+
+__all__ = ["Backbone", "Preprocess", "build_backbone"]

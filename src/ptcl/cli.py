@@ -1,0 +1,114 @@
+"""Command line: ``ptcl run | list | compare``.
+
+    ptcl run [CONFIG] [key=value ...] [--out DIR] [--resume RUN_DIR] [-q]
+    ptcl list methods|backbones|datasets
+    ptcl compare RUN_DIR [RUN_DIR ...] [--plot FILE]
+
+User errors print one line (``ptcl: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ptcl.errors import PtclError
+
+log = logging.getLogger("ptcl")
+
+
+def _setup_logging(quiet: bool) -> None:
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("ptcl")
+    root.handlers[:] = [h]
+    root.setLevel(logging.INFO)
+    h.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from ptcl.engine.runner import run
+    from ptcl.report.results import task_table
+
+    config, overrides = None, list(a.args)
+    if overrides and "=" not in overrides[0]:
+        config = overrides.pop(0)
+    if a.resume and (config or overrides):
+        raise PtclError("--resume takes no config or overrides: the run folder's config.yaml is used")
+    m = run(config, overrides, out=a.out, resume=a.resume, quiet=a.quiet, max_tasks=a.max_tasks)
+    _out(task_table(m))
+    _out(f"run folder: {m['run_dir']}")
+    return 0
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    import ptcl.backbones.packaged  # noqa: F401
+    import ptcl.backbones.timm_models  # noqa: F401
+    import ptcl.data.datasets  # noqa: F401
+    import ptcl.methods  # noqa: F401
+    from ptcl.registry import BACKBONES, DATASETS, METHODS
+
+    reg = {"methods": METHODS, "backbones": BACKBONES, "datasets": DATASETS}[a.what]
+    for name in reg.names():
+        obj = reg.get(name)
+        doc = (obj.__doc__ or "").strip().splitlines()
+        _out(f"{name:<26} {doc[0] if doc else ''}")
+    if a.what == "backbones":
+        _out(f"{'<any timm model>':<26} e.g. vit_base_patch16_224.augreg_in21k (needs the network once)")
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from ptcl.report.plots import plot_curves
+    from ptcl.report.results import compare_table, read_metrics
+
+    runs = {str(Path(r)): read_metrics(r) for r in a.runs}
+    _out(compare_table(runs))
+    plot_curves({f"{m['method']} ({Path(k).name})": m for k, m in runs.items()}, a.plot)
+    _out(f"plot: {a.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptcl", description="Class-incremental learning with pre-trained models")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run or resume an experiment")
+    r.add_argument("args", nargs="*", help="[CONFIG.yaml|json] [key=value ...]")
+    r.add_argument("--out", help="run folder (default runs/<method>_<dataset>_<time>)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    r.add_argument("--max-tasks", type=int, help="stop (resumably) after this many tasks")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    r.set_defaults(fn=cmd_run)
+    ls = sub.add_parser("list", help="list registered components")
+    ls.add_argument("what", choices=["methods", "backbones", "datasets"])
+    ls.set_defaults(fn=cmd_list)
+    c = sub.add_parser("compare", help="compare finished runs")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--plot", default="compare.png", help="where to write the curves (PNG)")
+    c.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    _setup_logging(getattr(a, "quiet", False))
+    try:
+        return a.fn(a)
+    except PtclError as e:
+        sys.stderr.write(f"ptcl: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("ptcl: interrupted; continue with `ptcl run --resume RUN_DIR`\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

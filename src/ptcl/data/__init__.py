@@ -1,0 +1,1 @@
+"""Datasets, scenario (class order and task splits), transforms and the feature cache."""

@@ -1,0 +1,125 @@
+"""Safe, once-only extraction of dataset archives (``.tar``, ``.tar.gz``, ``.tgz``).
+
+An archive is unpacked into ``cache_dir("extracted", KEY)`` where ``KEY`` is derived from
+the archive's absolute path, size and modification time, so a changed archive gets a fresh
+folder. Extraction goes into a temporary sibling folder that is renamed into place only
+when complete: a killed extraction never looks like a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from ptcl.errors import DataError
+from ptcl.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+_STALE_TMP_S = 6 * 3600  # temp folders older than this are leftovers of killed extractions
+
+
+def is_archive(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a tar archive we can extract (by its suffix)."""
+    return str(path).lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def archive_key(path: str | os.PathLike[str]) -> str:
+    """16 hex digits identifying an archive by absolute path, size and modification time."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return hashlib.sha256(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _check_member(m: tarfile.TarInfo, archive: Path) -> None:
+    """Reject members that could write outside the destination folder."""
+
+    def unsafe(name: str) -> bool:
+        pp = PurePosixPath(name.replace("\\", "/"))
+        drive = len(name) > 2 and name[0].isalpha() and name[1] == ":" and name[2] in "/\\"
+        return name.startswith(("/", "\\")) or pp.is_absolute() or ".." in pp.parts or drive
+
+    if unsafe(m.name):
+        raise DataError(
+            f"unsafe member {m.name!r} in archive {archive} (absolute path or '..'); "
+            "refusing to extract it: repack the archive with relative paths"
+        )
+    if (m.issym() or m.islnk()) and unsafe(m.linkname):
+        raise DataError(
+            f"unsafe link {m.name!r} -> {m.linkname!r} in archive {archive}; refusing to extract it"
+        )
+    if m.isdev():
+        raise DataError(f"device file {m.name!r} in archive {archive}; refusing to extract it")
+
+
+def _checked_members(tf: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:
+    for m in tf:
+        _check_member(m, archive)
+        yield m
+
+
+def _clean_stale_tmp(parent: Path, key: str) -> None:
+    now = time.time()
+    for p in parent.glob(f".{key}.tmp-*"):
+        try:
+            if now - p.stat().st_mtime > _STALE_TMP_S:
+                log.info("removing leftover of an interrupted extraction: %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def extract_once(archive: str | os.PathLike[str]) -> Path:
+    """Extract ``archive`` into the cache unless already done; return the extracted folder.
+
+    Members with absolute paths, ``..`` components, unsafe links or device files raise
+    :class:`DataError`; on Python versions that have it, tarfile's ``"data"`` filter is also
+    applied. A corrupt archive raises :class:`DataError` and leaves nothing behind.
+    """
+    src = Path(archive).resolve()
+    if not src.is_file():
+        raise DataError(f"archive {src} does not exist or is not a file")
+    key = archive_key(src)
+    parent = cache_dir("extracted")
+    dest = parent / key
+    if dest.is_dir():
+        log.info("using extracted archive %s at %s", src, dest)
+        return dest
+    _clean_stale_tmp(parent, key)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=parent))
+    t0 = time.perf_counter()
+    log.info("extracting %s into %s (once; cached afterwards)", src, dest)
+    try:
+        with tarfile.open(src, "r:*") as tf:
+            members = _checked_members(tf, src)
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(tmp, members=members, filter="data")
+            else:  # pragma: no cover - Python without extraction filters
+                tf.extractall(tmp, members=members)
+    except DataError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot extract archive {src}: {e}; the file may be corrupt") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        # Another process finished the same extraction first: use its result.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir():
+            raise
+    log.info("extracted %s in %.1f s", src, time.perf_counter() - t0)
+    return dest

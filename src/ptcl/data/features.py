@@ -1,0 +1,93 @@
+"""On-disk cache of frozen-backbone features.
+
+An entry is keyed by a hash of everything that determines the features: the backbone's
+weight fingerprint (weights + input geometry), the dataset's content fingerprint, the
+split, the transform, and the selected sample indices. Change any of them and the key
+changes, so a stale entry is never read. Entries are safetensors files written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ptcl.io import atomic_save_tensors, load_tensors
+from ptcl.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """A stable hash of ``parts`` (JSON-serialisable; numpy arrays are hashed)."""
+    norm = {}
+    for k, v in parts.items():
+        if isinstance(v, np.ndarray):
+            v = hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+        norm[k] = v
+    norm["version"] = CACHE_VERSION
+    return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """A folder of ``<key>.safetensors`` feature files (default ``$PTCL_CACHE_DIR/features``)."""
+
+    def __init__(self, root: str | Path | None = None, enabled: bool = True) -> None:
+        self.root = Path(root) if root is not None else cache_dir("features")
+        self.enabled = enabled
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def get_or_compute(
+        self, parts: dict[str, Any], compute: Callable[[], torch.Tensor], write: bool = True
+    ) -> torch.Tensor:
+        """Features for ``parts``: read from disk, or computed by ``compute()`` and stored."""
+        key = cache_key(parts)
+        p = self.path(key)
+        if self.enabled and p.is_file():
+            try:
+                feats = load_tensors(p)["features"]
+                self.hits += 1
+                log.info("feature cache hit %s (%s)", key, parts.get("split"))
+                return feats
+            except Exception as e:  # a damaged entry is recomputed, never trusted
+                log.warning("feature cache entry %s unreadable (%s); recomputing", p, e)
+        self.misses += 1
+        feats = compute()
+        if self.enabled and write:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_save_tensors(p, {"features": feats}, metadata={"parts": json.dumps(parts, default=str)[:4000]})
+        return feats
+
+
+@torch.inference_mode()
+def extract_features(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    desc: str = "features",
+    quiet: bool = False,
+) -> torch.Tensor:
+    """Run ``forward`` over ``dataset`` (yielding ``(x, y)``) and stack the outputs on CPU."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    out = []
+    for x, _ in tqdm(loader, desc=desc, disable=quiet, leave=False, unit="batch"):
+        out.append(forward(x.to(device, non_blocking=True)).float().cpu())
+    if not out:
+        return torch.empty(0)
+    return torch.cat(out)

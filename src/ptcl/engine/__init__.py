@@ -1,0 +1,1 @@
+"""The only train loop, optimiser factory, evaluation, checkpointing and run driver."""

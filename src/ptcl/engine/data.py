@@ -1,0 +1,128 @@
+"""Per-run data access for learners: images and cached frozen features by task."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ptcl.backbones.base import Backbone
+from ptcl.data.base import DatasetSplits, ImageSet
+from ptcl.data.features import FeatureCache, extract_features
+from ptcl.data.scenario import Scenario, subset_per_class
+from ptcl.engine import dist
+
+SPLITS = ("train", "test")
+
+
+class TaskImages(Dataset):
+    """Images of an :class:`ImageSet` at ``indices`` with remapped ``labels``."""
+
+    def __init__(self, images: ImageSet, indices: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images, self.indices, self.labels, self.transform = images, indices, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images.load(int(self.indices[i]))), int(self.labels[i])
+
+
+class DataManager:
+    """Selects samples by task and serves images or frozen features for them.
+
+    Sample selection: the per-class subset of each split (``train_per_class``,
+    ``test_per_class``) and labels remapped by the scenario's class order.
+    Frozen features of the whole selected split are computed once (one backbone pass)
+    and cached on disk; learners then slice them by task.
+    """
+
+    def __init__(
+        self,
+        splits: DatasetSplits,
+        scenario: Scenario,
+        per_class: dict[str, int | None],
+        seed: int,
+        backbone: Backbone,
+        cache: FeatureCache,
+        device: torch.device,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        quiet: bool = False,
+    ) -> None:
+        self.splits, self.scenario, self.seed = splits, scenario, seed
+        self.backbone, self.cache, self.device = backbone, cache, device
+        self.batch_size, self.num_workers, self.quiet = batch_size, num_workers, quiet
+        lm = scenario.label_map
+        self.index: dict[str, np.ndarray] = {}
+        self.label: dict[str, np.ndarray] = {}
+        for s in SPLITS:
+            imgs = self.imageset(s)
+            idx = subset_per_class(imgs.targets, per_class.get(s), seed)
+            self.index[s] = idx
+            self.label[s] = lm[imgs.targets[idx]]
+        self._frozen: dict[str, torch.Tensor] = {}
+
+    def imageset(self, split: str) -> ImageSet:
+        return getattr(self.splits, split)
+
+    def positions(self, split: str, classes: Sequence[int] | range) -> np.ndarray:
+        """Positions (within the selected subset) of samples whose label is in ``classes``."""
+        return np.flatnonzero(np.isin(self.label[split], np.asarray(list(classes))))
+
+    def images(self, split: str, classes: Sequence[int] | range, train_transform: bool = False) -> TaskImages:
+        pos = self.positions(split, classes)
+        tf = self.backbone.transform(train=train_transform)
+        return TaskImages(self.imageset(split), self.index[split][pos], self.label[split][pos], tf)
+
+    def labels(self, split: str, classes: Sequence[int] | range) -> torch.Tensor:
+        return torch.from_numpy(self.label[split][self.positions(split, classes)])
+
+    def frozen_features(self, split: str) -> torch.Tensor:
+        """Pre-trained backbone features of the whole selected split (cached)."""
+        if split not in self._frozen:
+            self._frozen[split] = self.cached_features(split, self.backbone, self.backbone.fingerprint())
+        return self._frozen[split]
+
+    def cached_features(self, split: str, forward: torch.nn.Module, fingerprint: str) -> torch.Tensor:
+        """Features of the selected split under ``forward`` (eval transform), cached on disk
+        under ``fingerprint`` (which must identify ``forward``'s weights exactly)."""
+        parts = {
+            "model": fingerprint,
+            "dataset": self.imageset(split).fingerprint,
+            "split": split,
+            "transform": repr(self.backbone.transform(train=False)),
+            "subset": self.index[split],
+        }
+        ds = TaskImages(self.imageset(split), self.index[split], self.label[split], self.backbone.transform(False))
+
+        def compute() -> torch.Tensor:
+            was_training = forward.training
+            forward.eval()
+            try:
+                return extract_features(
+                    forward, ds, self.batch_size, self.num_workers, self.device,
+                    desc=f"features[{split}]", quiet=self.quiet,
+                )
+            finally:
+                forward.train(was_training)
+
+        return self.cache.get_or_compute(parts, compute, write=dist.is_main())
+
+    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen features and remapped labels of ``classes`` in ``split``."""
+        pos = self.positions(split, classes)
+        return self.frozen_features(split)[torch.from_numpy(pos)], torch.from_numpy(self.label[split][pos])
+
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
+        """A DataLoader; under torchrun each rank reads its own shard."""
+        g = torch.Generator().manual_seed(self.seed + seed)
+        if dist.world_size() > 1:
+            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + seed, drop_last=drop_last)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=drop_last)
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
+            num_workers=self.num_workers, drop_last=drop_last,
+        )

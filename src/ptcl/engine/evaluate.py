@@ -1,0 +1,33 @@
+"""Evaluation after each task: predictions on the test samples of all seen classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from ptcl.data.scenario import Task
+from ptcl.methods.base import Learner
+
+
+@torch.no_grad()
+def predict_seen(learner: Learner, task: Task, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 predictions and remapped labels for every test sample of classes ``< task.end``."""
+    data = learner.ctx.data
+    seen = range(0, task.end)
+    if learner.input_kind == "features":
+        x, y = data.features("test", seen)
+        ds = TensorDataset(x, y)
+    else:
+        ds = data.images("test", seen, train_transform=False)
+    learner.eval()
+    preds, labels = [], []
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=data.num_workers)
+    for xb, yb in tqdm(loader, desc=f"eval {task.index}", disable=learner.ctx.quiet, leave=False):
+        logits = learner.predict(xb.to(learner.device))
+        if logits.shape[1] != task.end:
+            raise RuntimeError(f"{type(learner).__name__}.predict returned {logits.shape[1]} logits, expected {task.end}")
+        preds.append(logits.argmax(1).cpu())
+        labels.append(torch.as_tensor(yb))
+    return torch.cat(preds).numpy(), torch.cat(labels).numpy()

@@ -1,0 +1,77 @@
+"""The one training loop and the optimiser / scheduler factory every method uses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from ptcl.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
+    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, weight_decay=c.weight_decay),
+    "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay),
+}
+
+
+def make_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``params``: tensors or param-group dicts (a group may set its own ``lr``)."""
+    params = list(params)
+    if not params:
+        raise ValueError("no trainable parameters were given to the optimiser")
+    return OPTIMIZERS[cfg.optimizer](params, cfg)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def fit(
+    module: nn.Module,
+    loader: DataLoader,
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: Iterable,
+    cfg: TrainConfig,
+    device: torch.device,
+    epochs: int | None = None,
+    desc: str = "train",
+    quiet: bool = False,
+) -> list[float]:
+    """Train ``module`` for ``epochs`` (default ``cfg.epochs``); ``step(x, y) -> loss``.
+
+    The scheduler steps once per epoch (cosine over the epochs, as in LAMDA-PILOT).
+    Returns the mean loss of each epoch.
+    """
+    epochs = cfg.epochs if epochs is None else epochs
+    opt = make_optimizer(params, cfg)
+    sched = make_scheduler(opt, cfg, epochs)
+    module.train()
+    losses = []
+    bar = tqdm(range(epochs), desc=desc, disable=quiet, leave=False, unit="epoch")
+    for epoch in bar:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        total, n = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = step(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(y)
+            n += len(y)
+        sched.step()
+        losses.append(total / max(n, 1))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        log.debug("%s epoch %d/%d loss %.4f", desc, epoch + 1, epochs, losses[-1])
+    module.eval()
+    return losses

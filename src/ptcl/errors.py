@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Every problem a user can fix (a typo in a key, a missing folder, a corrupt file,
+an impossible task split) raises a subclass of :class:`PtclError`. The CLI prints
+its message on one line and exits with status 2; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+
+class PtclError(Exception):
+    """Base class for errors the user can fix; the message names problem and fix."""
+
+
+class ConfigError(PtclError):
+    """Unknown key, bad value or unreadable config file."""
+
+
+class DataError(PtclError):
+    """Missing dataset folder, corrupt image, impossible task split."""
+
+
+class BackboneError(PtclError):
+    """Unknown backbone or weights that cannot be loaded."""

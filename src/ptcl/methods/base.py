@@ -1,0 +1,110 @@
+"""The learner API every method implements, and the context the engine hands it.
+
+Lifecycle (the engine calls these, in this order, for every task ``t``):
+
+``before_task(task)``
+    Grow structure for the task's new classes (heads, per-task prompts). Deterministic
+    and cheap: on ``--resume`` it is replayed for the finished tasks before their
+    checkpoint is loaded, so the module tree matches the saved state.
+``train_task(task)``
+    Learn from the task's data (``self.ctx.data`` serves images or cached features).
+``after_task(task)``
+    Post-hoc work once training is done (prototypes, statistics, merging).
+``predict(x)``
+    Logits over all classes seen so far. ``x`` is a batch of cached frozen features when
+    ``input_kind == "features"`` and a batch of images when ``"images"``.
+
+Constructors store; lifecycle methods compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ptcl.backbones.base import Backbone
+from ptcl.config import MethodConfig, TrainConfig
+from ptcl.data.scenario import Scenario, Task
+from ptcl.engine.data import DataManager
+from ptcl.engine.train import fit
+
+
+@dataclass
+class LearnerContext:
+    """What a learner may use from the run (no global state)."""
+
+    data: DataManager
+    scenario: Scenario
+    device: torch.device
+    seed: int
+    quiet: bool = False
+
+
+class Learner(nn.Module):
+    """Base class of all methods. See the module docstring for the lifecycle."""
+
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    input_kind: ClassVar[Literal["features", "images"]] = "images"
+    #: True when the method changes the pre-trained backbone's own weights
+    updates_backbone: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig, backbone: Backbone, ctx: LearnerContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.ctx = ctx
+        self._pretrained_keys = {f"backbone.{k}" for k in backbone.state_dict()}
+        backbone.requires_grad_(self.updates_backbone)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def before_task(self, task: Task) -> None:
+        """Grow structure for ``task``'s classes (replayed on resume)."""
+
+    def train_task(self, task: Task) -> None:
+        """Learn from ``task``'s training data."""
+
+    def after_task(self, task: Task) -> None:
+        """Post-training work for ``task``."""
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over the classes seen so far."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses ---------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def fit(
+        self,
+        dataset: Dataset,
+        step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        params: Iterable,
+        cfg: TrainConfig | None = None,
+        epochs: int | None = None,
+        desc: str = "train",
+        seed: int = 0,
+    ) -> list[float]:
+        """Run the engine's train loop over ``dataset`` with this method's options."""
+        cfg = cfg or self.cfg  # type: ignore[assignment]
+        loader = self.ctx.data.loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
+        return fit(self, loader, step, params, cfg, self.device, epochs, desc, self.ctx.quiet)
+
+    # -- checkpointing --------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: everything except unchanged pre-trained weights."""
+        sd = self.state_dict()
+        if self.updates_backbone:
+            return sd
+        return {k: v for k, v in sd.items() if k not in self._pretrained_keys}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if self.updates_backbone or k not in self._pretrained_keys]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the learner: missing {missing[:5]}, unexpected {unexpected[:5]}")

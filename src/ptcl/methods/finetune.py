@@ -1,0 +1,71 @@
+"""Sequential fine-tuning (the lower bound) and joint training (the upper bound).
+
+``finetune`` trains the whole backbone and a growing linear head with cross-entropy on
+each new task's data only: it forgets catastrophically and bounds methods from below.
+``joint`` trains on the data of all classes seen so far at every task: it is the
+non-incremental reference that bounds methods from above. Neither is a paper's method;
+defaults follow LAMDA-PILOT's ViT fine-tuning settings (SGD, momentum 0.9, cosine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ptcl.config import TrainConfig
+from ptcl.data.scenario import Task
+from ptcl.heads.linear import IncrementalLinear
+from ptcl.methods.base import Learner
+from ptcl.registry import METHODS
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    name: str = "finetune"
+    epochs: int = 10
+    lr: float = 0.01
+    batch_size: int = 48
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class JointConfig(FinetuneConfig):
+    name: str = "joint"
+
+
+@METHODS.register("finetune")
+class Finetune(Learner):
+    config_cls = FinetuneConfig
+    input_kind = "images"
+    updates_backbone = True
+
+    def __init__(self, cfg: FinetuneConfig, backbone, ctx) -> None:
+        super().__init__(cfg, backbone, ctx)
+        self.head = IncrementalLinear(backbone.feature_dim)
+
+    def before_task(self, task: Task) -> None:
+        self.head.grow(task.num_new)
+
+    def train_classes(self, task: Task) -> range:
+        return range(task.start, task.end)
+
+    def train_task(self, task: Task) -> None:
+        data = self.ctx.data.images("train", self.train_classes(task), train_transform=True)
+        self.to(self.device)
+        self.fit(data, lambda x, y: F.cross_entropy(self.predict(x), y), self.parameters(),
+                 desc=f"task {task.index}", seed=task.index)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+@METHODS.register("joint")
+class Joint(Finetune):
+    """Trains on all seen classes' data at every task (upper bound)."""
+
+    config_cls = JointConfig
+
+    def train_classes(self, task: Task) -> range:
+        return range(0, task.end)

@@ -1,0 +1,1 @@
+"""Run outputs: plots and comparison tables."""
