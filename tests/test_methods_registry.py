@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import tiny_overrides
+from torch.utils.data import DataLoader
 
 import ptcl.methods  # noqa: F401
 from ptcl.backbones import build_backbone
@@ -13,7 +14,7 @@ from ptcl.data.datasets import load_dataset
 from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
 from ptcl.engine.data import DataManager
-from ptcl.engine.evaluate import predict_seen
+from ptcl.engine.evaluate import eval_dataset, predict_seen
 from ptcl.engine.runner import run, seed_everything
 from ptcl.methods.base import LearnerContext
 from ptcl.registry import METHODS
@@ -41,6 +42,12 @@ def make(name: str, tmp_path, **extra):
     return METHODS.get(name)(cfg.method, bb, ctx), sc
 
 
+def batch(learner, seen: int, n: int):
+    """``n`` test inputs of the first ``seen`` classes, in the form ``predict`` takes."""
+    x, _ = next(iter(DataLoader(eval_dataset(learner, range(seen)), batch_size=n)))
+    return x
+
+
 def run_tasks(learner, sc, n: int):
     for task in sc.tasks[:n]:
         seed_everything(1993 + task.index)
@@ -60,10 +67,8 @@ def test_head_covers_seen_classes_and_frozen_weights_stay(name, tmp_path):
         learner.before_task(task)
         learner.train_task(task)
         learner.after_task(task)
-        x = (learner.ctx.data.features("test", range(task.end))[0] if learner.input_kind == "features"
-             else torch.stack([learner.ctx.data.images("test", range(task.end))[i][0] for i in range(4)]))
         with torch.no_grad():
-            assert learner.predict(x[:4]).shape == (4, task.end)
+            assert learner.predict(batch(learner, task.end, 4)).shape == (4, task.end)
     if not learner.updates_backbone:
         after = learner.backbone.state_dict()
         changed = [k for k, v in frozen.items() if not torch.equal(v, after[k])]
@@ -79,8 +84,7 @@ def test_checkpoint_round_trip(name, tmp_path):
     for task in sc.tasks[:2]:
         fresh.before_task(task)  # replay structure growth, as resume does
     fresh.load_checkpoint_state(state)
-    x = (learner.ctx.data.features("test", range(4))[0] if learner.input_kind == "features"
-         else torch.stack([learner.ctx.data.images("test", range(4))[i][0] for i in range(6)]))
+    x = batch(learner, 4, 6)
     learner.eval()
     fresh.eval()
     with torch.no_grad():

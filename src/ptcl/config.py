@@ -248,6 +248,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 f"bad value {value!r} for {key}; valid: {', '.join(map(str, args))}"
             )
         return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")

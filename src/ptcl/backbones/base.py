@@ -69,9 +69,13 @@ class Backbone(nn.Module):
         cached features.
         """
         if self._fingerprint is None:
-            h = hashlib.sha256(f"{self.name}|{self.preprocess}".encode())
-            for k, v in sorted(self.model.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = self.state_fingerprint()
         return self._fingerprint
+
+    def state_fingerprint(self) -> str:
+        """Hash of the model's current state (tuning modules included), not cached."""
+        h = hashlib.sha256(f"{self.name}|{self.preprocess}".encode())
+        for k, v in sorted(self.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()

@@ -125,4 +125,5 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
     else:
         raise BackboneError(BACKBONES.unknown_message(cfg.name) + ", or any timm model name")
     bb.eval()
+    bb.fingerprint()  # hash the pre-trained weights now, before any tuning module attaches
     return bb

@@ -30,6 +30,18 @@ class TaskImages(Dataset):
         return self.transform(self.images.load(int(self.indices[i]))), int(self.labels[i])
 
 
+class _WithFeatures(Dataset):
+    def __init__(self, images: TaskImages, feats: torch.Tensor) -> None:
+        self.images, self.feats = images, feats
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        x, y = self.images[i]
+        return (x, self.feats[i]), y
+
+
 class DataManager:
     """Selects samples by task and serves images or frozen features for them.
 
@@ -76,6 +88,16 @@ class DataManager:
         pos = self.positions(split, classes)
         tf = self.backbone.transform(train=train_transform)
         return TaskImages(self.imageset(split), self.index[split][pos], self.label[split][pos], tf)
+
+    def images_with_features(
+        self, split: str, classes: Sequence[int] | range, train_transform: bool = False
+    ) -> Dataset:
+        """Like :meth:`images`, but each item is ``((image, frozen_feature), label)``: the
+        cached pre-trained feature of the same image (eval transform), e.g. the query of
+        prompt-pool methods, so training needs no extra backbone pass."""
+        pos = self.positions(split, classes)
+        return _WithFeatures(self.images(split, classes, train_transform),
+                             self.frozen_features(split)[torch.from_numpy(pos)])
 
     def labels(self, split: str, classes: Sequence[int] | range) -> torch.Tensor:
         return torch.from_numpy(self.label[split][self.positions(split, classes)])

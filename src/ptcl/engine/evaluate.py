@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from ptcl.data.scenario import Task
+from ptcl.engine.train import to_device
 from ptcl.methods.base import Learner
+
+
+def eval_dataset(learner: Learner, classes: range) -> Dataset:
+    """Test samples of ``classes`` in the form ``learner.predict`` takes."""
+    data = learner.ctx.data
+    if learner.input_kind == "features":
+        return TensorDataset(*learner.features("test", classes))
+    if learner.input_kind == "images+features":
+        return data.images_with_features("test", classes, train_transform=False)
+    return data.images("test", classes, train_transform=False)
 
 
 @torch.no_grad()
 def predict_seen(learner: Learner, task: Task, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 predictions and remapped labels for every test sample of classes ``< task.end``."""
     data = learner.ctx.data
-    seen = range(0, task.end)
-    if learner.input_kind == "features":
-        x, y = data.features("test", seen)
-        ds = TensorDataset(x, y)
-    else:
-        ds = data.images("test", seen, train_transform=False)
+    ds = eval_dataset(learner, range(0, task.end))
     learner.eval()
     preds, labels = [], []
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=data.num_workers)
     for xb, yb in tqdm(loader, desc=f"eval {task.index}", disable=learner.ctx.quiet, leave=False):
-        logits = learner.predict(xb.to(learner.device))
+        logits = learner.predict(to_device(xb, learner.device))
         if logits.shape[1] != task.end:
             raise RuntimeError(f"{type(learner).__name__}.predict returned {logits.shape[1]} logits, expected {task.end}")
         preds.append(logits.argmax(1).cpu())

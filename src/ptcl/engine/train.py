@@ -35,6 +35,13 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def to_device(x, device: torch.device):
+    """Move a tensor, or a tuple/list of tensors, to ``device``."""
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x.to(device, non_blocking=True)
+
+
 def fit(
     module: nn.Module,
     loader: DataLoader,
@@ -47,6 +54,8 @@ def fit(
     quiet: bool = False,
 ) -> list[float]:
     """Train ``module`` for ``epochs`` (default ``cfg.epochs``); ``step(x, y) -> loss``.
+
+    ``x`` may be a tuple of tensors (e.g. images and their cached query features).
 
     The scheduler steps once per epoch (cosine over the epochs, as in LAMDA-PILOT).
     Returns the mean loss of each epoch.
@@ -62,7 +71,7 @@ def fit(
             loader.sampler.set_epoch(epoch)
         total, n = 0.0, 0
         for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device(x, device), y.to(device, non_blocking=True)
             loss = step(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

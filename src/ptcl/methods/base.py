@@ -11,15 +11,17 @@ Lifecycle (the engine calls these, in this order, for every task ``t``):
 ``after_task(task)``
     Post-hoc work once training is done (prototypes, statistics, merging).
 ``predict(x)``
-    Logits over all classes seen so far. ``x`` is a batch of cached frozen features when
-    ``input_kind == "features"`` and a batch of images when ``"images"``.
+    Logits over all classes seen so far. ``x`` is a batch of features from
+    ``self.features`` when ``input_kind == "features"``, a batch of images when
+    ``"images"``, and a tuple ``(images, frozen_features)`` when ``"images+features"``
+    (prompt methods: the query feature comes from the cache, not a second forward pass).
 
 Constructors store; lifecycle methods compute.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -49,9 +51,10 @@ class Learner(nn.Module):
     """Base class of all methods. See the module docstring for the lifecycle."""
 
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
-    input_kind: ClassVar[Literal["features", "images"]] = "images"
-    #: True when the method changes the pre-trained backbone's own weights
-    updates_backbone: ClassVar[bool] = False
+    input_kind: ClassVar[Literal["features", "images", "images+features"]] = "images"
+    #: True when the method changes the pre-trained backbone's own weights (checkpoints then
+    #: store them). Subclasses set it per class or per instance (in ``__init__``).
+    updates_backbone: bool = False
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone, ctx: LearnerContext) -> None:
         super().__init__()
@@ -59,7 +62,7 @@ class Learner(nn.Module):
         self.backbone = backbone
         self.ctx = ctx
         self._pretrained_keys = {f"backbone.{k}" for k in backbone.state_dict()}
-        backbone.requires_grad_(self.updates_backbone)
+        backbone.requires_grad_(False)
 
     # -- lifecycle ---------------------------------------------------------------------
     def before_task(self, task: Task) -> None:
@@ -74,6 +77,11 @@ class Learner(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Logits over the classes seen so far."""
         raise NotImplementedError
+
+    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features ``predict`` takes when ``input_kind == "features"`` (default: the
+        cached frozen pre-trained features). Override to serve e.g. adapted features."""
+        return self.ctx.data.features(split, classes)
 
     # -- helpers for subclasses ---------------------------------------------------------
     @property

@@ -43,6 +43,7 @@ class Finetune(Learner):
 
     def __init__(self, cfg: FinetuneConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
+        backbone.requires_grad_(True)
         self.head = IncrementalLinear(backbone.feature_dim)
 
     def before_task(self, task: Task) -> None:

@@ -1,0 +1,93 @@
+"""First-session adaptation, shared by APER, RanPAC and FeCAM.
+
+The pre-trained backbone is tuned on the first task only (a PEFT module, or all its
+weights for ``finetune``) with a temporary linear head and cross-entropy, then frozen for
+the rest of the stream (Zhou et al., IJCV 2024; McDonnell et al., NeurIPS 2023).
+
+* The tuning module is attached in the learner's constructor, so a resumed run rebuilds
+  the same module tree before loading a checkpoint.
+* After tuning, the adapted features of the selected train/test images are extracted once
+  and cached on disk under a hash of the adapted weights: later tasks never run the
+  backbone again, and a rerun with the same adapted weights reads them from disk.
+* The plain pre-trained features come from the feature cache (computed before tuning),
+  so no second copy of the backbone is needed, even for ``finetune``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptcl.backbones.base import Backbone
+from ptcl.config import TrainConfig
+from ptcl.data.scenario import Task
+from ptcl.peft import TuningHandle, attach, mark_only_tuning_trainable
+
+log = logging.getLogger(__name__)
+
+Tuning = Literal["none", "finetune", "adapter", "ssf", "vpt_shallow", "vpt_deep"]
+
+
+@dataclass
+class FirstSessionConfig(TrainConfig):
+    """Options of first-session tuning (LAMDA-PILOT's APER defaults: 20 epochs, SGD,
+    lr 0.01, batch 48, weight decay 5e-4, cosine; adapter bottleneck 64; 5 VPT tokens)."""
+
+    tuning: Tuning = "adapter"
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 48
+    weight_decay: float = 5e-4
+    tuning_options: dict[str, Any] = field(default_factory=dict)
+
+
+def attach_tuning(backbone: Backbone, cfg: FirstSessionConfig) -> TuningHandle | None:
+    """Attach ``cfg.tuning`` to the backbone (``none``: nothing)."""
+    if cfg.tuning == "none":
+        return None
+    if cfg.tuning != "finetune" and backbone.kind != "vit" and cfg.tuning != "ssf":
+        from ptcl.errors import ConfigError
+
+        raise ConfigError(
+            f"method.tuning={cfg.tuning} needs a ViT backbone; {backbone.name} is a CNN "
+            f"(use method.tuning=ssf, finetune or none)"
+        )
+    handle = attach(backbone.model, cfg.tuning, **cfg.tuning_options)
+    backbone.requires_grad_(False)
+    return handle
+
+
+def tune_first_session(
+    learner: nn.Module, backbone: Backbone, handle: TuningHandle | None, task: Task, cfg: FirstSessionConfig
+) -> list[float]:
+    """Train the tuning module (+ a temporary linear head) on ``task``'s images, then freeze."""
+    if handle is None:
+        return []
+    head = nn.Linear(backbone.feature_dim, task.num_new).to(learner.device)
+    if handle.module.trains_backbone:
+        backbone.requires_grad_(True)
+    else:
+        mark_only_tuning_trainable(backbone.model)
+    data = learner.ctx.data.images("train", task.classes, train_transform=True)
+    start = task.start
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(backbone(x)), y - start)
+
+    params = [*handle.parameters(), *head.parameters()]
+    losses = learner.fit(data, step, params, cfg, desc=f"first-session {cfg.tuning}", seed=task.index)
+    backbone.requires_grad_(False)
+    backbone.eval()
+    log.info("first-session %s tuning: loss %.4f -> %.4f", cfg.tuning, losses[0], losses[-1])
+    return losses
+
+
+def adapted_features(learner: nn.Module, backbone: Backbone, split: str) -> torch.Tensor:
+    """Features of the whole selected ``split`` under the current (adapted) backbone, cached
+    on disk under a hash of its weights."""
+    return learner.ctx.data.cached_features(split, backbone, backbone.state_fingerprint())

@@ -1,0 +1,44 @@
+"""Parameter-efficient tuning modules attached to unmodified timm models.
+
+Methods (names in :data:`PEFT_METHODS`): ``adapter`` (AdaptFormer), ``ssf`` (SSF),
+``vpt_shallow`` / ``vpt_deep`` (VPT) and ``finetune`` (all backbone weights). See
+:mod:`ptcl.peft.base` for how a learner uses them.
+"""
+
+from __future__ import annotations
+
+from ptcl.peft import adapter, finetune, ssf, vpt  # noqa: F401  (register the methods)
+from ptcl.peft.adapter import AdapterSet
+from ptcl.peft.base import (
+    PEFT_METHODS,
+    TuningHandle,
+    TuningModule,
+    attach,
+    detach,
+    disabled,
+    load_tuning_state_dict,
+    mark_only_tuning_trainable,
+    tuning_parameters,
+    tuning_state_dict,
+)
+from ptcl.peft.finetune import FineTune
+from ptcl.peft.ssf import SSF
+from ptcl.peft.vpt import VPTDeep, VPTShallow
+
+__all__ = [
+    "PEFT_METHODS",
+    "SSF",
+    "AdapterSet",
+    "FineTune",
+    "TuningHandle",
+    "TuningModule",
+    "VPTDeep",
+    "VPTShallow",
+    "attach",
+    "detach",
+    "disabled",
+    "load_tuning_state_dict",
+    "mark_only_tuning_trainable",
+    "tuning_parameters",
+    "tuning_state_dict",
+]
