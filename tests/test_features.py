@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from safetensors.torch import save_file
 
 from ptcl.backbones import build_backbone
 from ptcl.config import BackboneConfig, DatasetConfig
@@ -12,12 +13,9 @@ from ptcl.data.scenario import Scenario
 from ptcl.engine.data import DataManager
 
 
-def manager(tmp_path, per_class=4, image_size=None, seed=1993, weights_seed=None):
+def manager(tmp_path, per_class=4, image_size=None, seed=1993, weights=None):
     splits = load_dataset(DatasetConfig(name="mnist_demo"))
-    bb = build_backbone(BackboneConfig(name="vit_tiny_test", image_size=image_size))
-    if weights_seed is not None:
-        with torch.no_grad():
-            next(bb.model.parameters()).add_(weights_seed)
+    bb = build_backbone(BackboneConfig(name="vit_tiny_test", image_size=image_size, weights=weights))
     sc = Scenario.build(10, 2, 2, seed)
     return DataManager(splits, sc, {"train": per_class, "test": 2}, seed, bb,
                        FeatureCache(tmp_path / "fc"), torch.device("cpu"), 16, 0, True)
@@ -39,8 +37,12 @@ def test_second_run_reads_the_cache(tmp_path):
 
 
 def test_changes_invalidate(tmp_path):
+    bb = manager(tmp_path).backbone
+    bb.model.cls_token.data += 1.0
+    weights = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
     manager(tmp_path).frozen_features("train")
-    for kwargs in ({"per_class": 5}, {"image_size": 40}, {"weights_seed": 1.0}):
+    for kwargs in ({"per_class": 5}, {"image_size": 40}, {"weights": str(weights)}):
         m = manager(tmp_path, **kwargs)
         m.frozen_features("train")
         assert m.cache.misses == 1, kwargs
