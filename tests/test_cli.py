@@ -79,6 +79,18 @@ def test_bad_input_is_one_clear_line(case, tmp_path, capsys):
     assert not out_dir.exists()
 
 
+def test_offline_timm_weights_fail_fast_and_clearly(tmp_path, capsys, monkeypatch):
+    import ptcl.backbones.timm_models as tm
+
+    monkeypatch.setattr(tm, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    out_dir = tmp_path / "run"
+    code, _, err = cli(["run", *tiny_overrides("simplecil"), "backbone=vit_base_patch16_224.augreg_in21k",
+                        "--out", str(out_dir), "-q"], capsys)
+    assert code == 2 and "cannot download pretrained weights" in err and "backbone.weights=PATH" in err
+    assert not out_dir.exists()
+
+
 def test_corrupt_image_is_named_and_nothing_is_left(tmp_path, capsys):
     root = make_folder(tmp_path / "data")
     bad = root / "test" / "class1" / "1.png"

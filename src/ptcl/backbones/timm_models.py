@@ -7,8 +7,13 @@ Pre-trained weights are downloaded by timm from the Hugging Face hub on first us
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -51,6 +56,40 @@ def load_weights_file(model: torch.nn.Module, path: str) -> None:
         log.info("ignored %d unexpected tensors in %s", len(unexpected), p)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub's host name resolves (cheap offline detection)."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable(pretrained: bool) -> Iterator[None]:
+    """Offline: make huggingface_hub read only its local cache instead of retrying for a
+    minute, so cached weights still load and missing ones fail at once."""
+    if not pretrained or hub_reachable():
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
+
+
 def wrap_timm(model: torch.nn.Module, name: str, image_size: int | None) -> Backbone:
     dc = model.pretrained_cfg or {}
     size = image_size or int(dc.get("input_size", (3, 224, 224))[-1])
@@ -67,11 +106,12 @@ def build_timm(cfg: BackboneConfig) -> Backbone:
         kwargs["img_size"] = cfg.image_size
     pretrained = cfg.pretrained and cfg.weights is None
     try:
-        try:
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
-        except TypeError:  # CNNs take no img_size
-            kwargs.pop("img_size", None)
-            model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _hub_offline_if_unreachable(pretrained):
+            try:
+                model = timm.create_model(name, pretrained=pretrained, **kwargs)
+            except TypeError:  # CNNs take no img_size
+                kwargs.pop("img_size", None)
+                model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise BackboneError(f"unknown timm model {cfg.name!r}") from e
