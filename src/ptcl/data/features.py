@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class FeatureCache:
         self.enabled = enabled
         self.hits = 0
         self.misses = 0
+        self.compute_s = 0.0  # seconds spent computing (not reading) features
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
@@ -66,7 +68,9 @@ class FeatureCache:
             except Exception as e:  # a damaged entry is recomputed, never trusted
                 log.warning("feature cache entry %s unreadable (%s); recomputing", p, e)
         self.misses += 1
+        t0 = time.perf_counter()
         feats = compute()
+        self.compute_s += time.perf_counter() - t0
         if self.enabled and write:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_save_tensors(p, {"features": feats}, metadata={"parts": json.dumps(parts, default=str)[:4000]})

@@ -156,7 +156,7 @@ def run(
                 continue
             if max_tasks is not None and len(rows) >= max_tasks:
                 break
-            t0 = time.perf_counter()
+            t0, f0 = time.perf_counter(), data.cache.compute_s
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             learner.train_task(task)
@@ -172,6 +172,7 @@ def run(
                 "old_acc": old,
                 "new_acc": new,
                 "time_s": time.perf_counter() - t0,
+                "feature_time_s": data.cache.compute_s - f0,
                 "peak_memory_mb": peak_memory_mb(device),
             })
             metrics = summarize(header, rows)

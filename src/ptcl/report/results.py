@@ -28,6 +28,7 @@ def summarize(header: dict, rows: list[dict]) -> dict:
         "new_acc": [r["new_acc"] for r in rows],
         "task_time_s": [r["time_s"] for r in rows],
         "total_time_s": sum(r["time_s"] for r in rows),
+        "feature_time_s": sum(r.get("feature_time_s", 0.0) for r in rows),
         "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
         "rows": rows,
     }
