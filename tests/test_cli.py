@@ -49,6 +49,7 @@ def test_run_writes_run_folder_and_compare(tmp_path, capsys):
     r = tmp_path / "r"
     for f in ("config.yaml", "metrics.json", "run.log", "accuracy.png", "checkpoints/task_004.safetensors"):
         assert (r / f).is_file(), f
+    assert not (r / "checkpoints/task_003.safetensors").exists()  # only the latest is kept
     m = json.loads((r / "metrics.json").read_text())
     for k in ("accuracy_matrix", "accuracy_per_task", "avg_acc", "last_acc", "forgetting", "task_time_s", "class_order"):
         assert k in m

@@ -108,6 +108,7 @@ class RunConfig:
     device: str = "auto"
     eval_batch_size: int = 64
     num_workers: int = 0
+    keep_all_checkpoints: bool = False  # False: only the latest task's checkpoint is kept
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -180,6 +180,8 @@ def run(
                 save_checkpoint(run_dir, task.index, learner, {"method": cfg.method.name})
                 atomic_write_json(run_dir / "metrics.json", metrics)
                 plot_run(metrics, run_dir / "accuracy.png")
+                if not cfg.keep_all_checkpoints and task.index > 0:  # only after metrics.json
+                    checkpoint_path(run_dir, task.index - 1).unlink(missing_ok=True)
             log.info("task %d/%d: %d classes, accuracy %.2f%% (%.1fs)", task.index + 1,
                      scenario.num_tasks, task.end, rows[-1]["accuracy"], rows[-1]["time_s"])
     except BaseException:
