@@ -72,10 +72,15 @@ class Backbone(nn.Module):
             self._fingerprint = self.state_fingerprint()
         return self._fingerprint
 
-    def state_fingerprint(self) -> str:
-        """Hash of the model's current state (tuning modules included), not cached."""
+    def state_fingerprint(self, skip_tuning: bool = False) -> str:
+        """Hash of the model's current state, not cached. Attached tuning modules
+        (``tuning_*`` children, see :mod:`ptcl.peft`) are included unless ``skip_tuning``:
+        then the hash equals :meth:`fingerprint` as long as the pre-trained weights are
+        unchanged."""
         h = hashlib.sha256(f"{self.name}|{self.preprocess}".encode())
         for k, v in sorted(self.model.state_dict().items()):
+            if skip_tuning and any(part.startswith("tuning_") for part in k.split(".")):
+                continue
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()

@@ -13,6 +13,7 @@ from ptcl.data.base import DatasetSplits, ImageSet
 from ptcl.data.features import FeatureCache, extract_features
 from ptcl.data.scenario import Scenario, subset_per_class
 from ptcl.engine import dist
+from ptcl.peft.base import TuningModule
 
 SPLITS = ("train", "test")
 
@@ -40,6 +41,34 @@ class _WithFeatures(Dataset):
     def __getitem__(self, i: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
         x, y = self.images[i]
         return (x, self.feats[i]), y
+
+
+class _Pretrained(torch.nn.Module):
+    """The backbone's pre-trained forward: tuning modules bypassed, weights checked."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.checked = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        if not self.checked:
+            if bb.state_fingerprint(skip_tuning=True) != bb.fingerprint():
+                raise RuntimeError(
+                    f"the pre-trained features are not in the feature cache and the weights of "
+                    f"{bb.name} have already changed (full fine-tuning); request them before "
+                    "training the backbone, or rerun with the feature cache enabled"
+                )
+            self.checked = True
+        switched = [m for m in bb.modules() if isinstance(m, TuningModule) and m.enabled]
+        for m in switched:
+            m.enabled = False
+        try:
+            return bb(x)
+        finally:
+            for m in switched:
+                m.enabled = True
 
 
 class DataManager:
@@ -103,9 +132,17 @@ class DataManager:
         return torch.from_numpy(self.label[split][self.positions(split, classes)])
 
     def frozen_features(self, split: str) -> torch.Tensor:
-        """Pre-trained backbone features of the whole selected split (cached)."""
+        """Pre-trained backbone features of the whole selected split (cached).
+
+        On a cache miss they are computed with every attached tuning module bypassed; if
+        the pre-trained weights themselves have changed (full fine-tuning), the true
+        pre-trained features cannot be computed any more and this raises instead of
+        caching wrong features under the pre-trained key.
+        """
         if split not in self._frozen:
-            self._frozen[split] = self.cached_features(split, self.backbone, self.backbone.fingerprint())
+            self._frozen[split] = self.cached_features(
+                split, _Pretrained(self.backbone), self.backbone.fingerprint()
+            )
         return self._frozen[split]
 
     def cached_features(self, split: str, forward: torch.nn.Module, fingerprint: str) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""RanPAC: random projections and a ridge classifier on a pre-trained model.
+
+McDonnell, Gong, Parvaneh, Abbasnejad, van den Hengel. "RanPAC: Random Projections and
+Pre-trained Models for Continual Learning." NeurIPS 2023 (arXiv:2307.02251).
+
+Implemented as in the official code (github.com/RanPAC/RanPAC, ``RanPAC.py``/``inc_net.py``;
+also LAMDA-PILOT ``models/ranpac.py``):
+
+* Phase 1 (``tuning != none``, default ``adapter``): the backbone is tuned on the first
+  task with a PEFT module (:mod:`ptcl.methods.adapt`), then frozen. The classifier uses the
+  adapted features only (RanPAC does not concatenate them with the pre-trained ones).
+* Phase 2 (every task): features ``f`` -> ``h = relu(f @ W_rand)``, ``W_rand`` fixed N(0, 1)
+  of size ``feature_dim x M`` (``M = 10000``); ``G += h h^T`` and ``Q += h y^T`` over the
+  task's samples (old data is never read again); ``lambda`` chosen on an 80/20 split of
+  the current task from ``10^-8 .. 10^8`` (the official grid); ``W = (G + lambda I)^-1 Q``;
+  logits ``h @ W``. See :mod:`ptcl.heads.ridge`.
+
+Defaults: RanPAC ``args/cifar224_publish.csv`` (adapter, 20 epochs, SGD lr 0.01, batch 48,
+weight decay 5e-4, cosine to 0, M = 10000). Deviations: the lambda grid is searched with one
+eigendecomposition instead of one solve per value (same solutions); the final solve switches to
+float64 when ill-conditioned; the first-session head is the shared linear head of :mod:`ptcl.methods.adapt`
+(the official code trains a cosine head there).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ptcl.data.scenario import Task
+from ptcl.errors import ConfigError
+from ptcl.heads.ridge import RidgeHead
+from ptcl.methods.adapt import (
+    FirstSessionConfig,
+    Tuning,
+    adapted_features,
+    attach_tuning,
+    tune_first_session,
+)
+from ptcl.methods.base import Learner
+from ptcl.peft import TuningHandle
+from ptcl.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RanPACConfig(FirstSessionConfig):
+    """``M = 0`` skips the random projection (ridge on the features themselves)."""
+
+    name: str = "ranpac"
+    tuning: Tuning = "adapter"
+    M: int = 10000
+    projection_seed: int | None = None  # None: the run's seed
+    lambda_exp_min: int = -8
+    lambda_exp_max: int = 8
+    val_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.M < 0:
+            raise ConfigError(f"method.M must be >= 0, got {self.M}")
+        if self.lambda_exp_min > self.lambda_exp_max:
+            raise ConfigError(
+                f"method.lambda_exp_min ({self.lambda_exp_min}) must be <= lambda_exp_max ({self.lambda_exp_max})"
+            )
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"method.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    @property
+    def lambdas(self) -> list[float]:
+        return [10.0**e for e in range(self.lambda_exp_min, self.lambda_exp_max + 1)]
+
+
+class FirstSessionFeatures(Learner):
+    """First-session tuning shared by RanPAC and FeCAM: the tuning module is attached by the
+    first ``before_task`` (so the frozen-weights snapshot after ``__init__`` excludes it, and
+    a resumed run rebuilds it before loading), trained by the first ``train_task``; then the
+    adapted features are served from the feature cache (and memoised per split)."""
+
+    def _init_tuning(self, cfg: FirstSessionConfig) -> None:
+        if cfg.tuning not in ("none", "finetune", "ssf") and self.backbone.kind != "vit":
+            attach_tuning(self.backbone, cfg)  # raises the ConfigError now, before any task
+        self.handle: TuningHandle | None = None
+        self.updates_backbone = cfg.tuning == "finetune"
+        self._adapted: dict[str, torch.Tensor] = {}
+
+    def _attach(self, task: Task) -> None:
+        if task.is_first:
+            self.handle = attach_tuning(self.backbone, self.cfg)  # type: ignore[arg-type]
+            self.backbone.to(self.device)
+
+    def _tune(self, task: Task) -> None:
+        if task.is_first and self.handle is not None:
+            self.to(self.device)
+            tune_first_session(self, self.backbone, self.handle, task, self.cfg)  # type: ignore[arg-type]
+            self._adapted.clear()
+
+    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.handle is None:
+            return super().features(split, classes)
+        if split not in self._adapted:
+            self._adapted[split] = adapted_features(self, self.backbone, split)
+        data = self.ctx.data
+        pos = torch.from_numpy(data.positions(split, classes))
+        return self._adapted[split][pos], data.labels(split, classes)
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_checkpoint_state(state)
+        self._adapted.clear()
+
+
+@METHODS.register("ranpac")
+class RanPAC(FirstSessionFeatures):
+    config_cls = RanPACConfig
+    input_kind = "features"
+    test_options: ClassVar[dict] = {"M": 64}
+
+    def __init__(self, cfg: RanPACConfig, backbone, ctx) -> None:
+        super().__init__(cfg, backbone, ctx)
+        self._init_tuning(cfg)
+        seed = ctx.seed if cfg.projection_seed is None else cfg.projection_seed
+        self.head = RidgeHead(backbone.feature_dim, cfg.M, seed)
+
+    def before_task(self, task: Task) -> None:
+        self._attach(task)
+        self.head.grow(task.num_new)
+
+    def train_task(self, task: Task) -> None:
+        self._tune(task)
+        x, y = self.features("train", task.classes)
+        gen = torch.Generator().manual_seed(self.ctx.seed + task.index)
+        self.head.fit_task(x, y, task.classes, self.cfg.lambdas, self.cfg.val_fraction, gen)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
