@@ -1,6 +1,20 @@
 """Methods: one file per paper, each registering a :class:`Learner` in ``METHODS``."""
 
-from ptcl.methods import fecam, finetune, ranpac, simplecil  # noqa: F401  (registration)
+from ptcl.methods import (  # noqa: F401  (registration)
+    aper,
+    coda_prompt,
+    dap,
+    dualprompt,
+    ease,
+    fecam,
+    finetune,
+    l2p,
+    mos,
+    ranpac,
+    simplecil,
+    slca,
+    vpt_seq,
+)
 from ptcl.methods.base import Learner, LearnerContext
 
 __all__ = ["Learner", "LearnerContext"]

@@ -4,7 +4,7 @@ The pre-trained backbone is tuned on the first task only (a PEFT module, or all 
 weights for ``finetune``) with a temporary linear head and cross-entropy, then frozen for
 the rest of the stream (Zhou et al., IJCV 2024; McDonnell et al., NeurIPS 2023).
 
-* The tuning module is attached in the learner's constructor, so a resumed run rebuilds
+* The tuning module is attached in the learner's first ``before_task``, so a resumed run rebuilds
   the same module tree before loading a checkpoint.
 * After tuning, the adapted features of the selected train/test images are extracted once
   and cached on disk under a hash of the adapted weights: later tasks never run the
@@ -26,6 +26,7 @@ from torch import nn
 from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
+from ptcl.heads.linear import CosineHead
 from ptcl.peft import TuningHandle, attach, mark_only_tuning_trainable
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,16 @@ def attach_tuning(backbone: Backbone, cfg: FirstSessionConfig) -> TuningHandle |
 def tune_first_session(
     learner: nn.Module, backbone: Backbone, handle: TuningHandle | None, task: Task, cfg: FirstSessionConfig
 ) -> list[float]:
-    """Train the tuning module (+ a temporary linear head) on ``task``'s images, then freeze."""
+    """Train the tuning module (+ a temporary head) on ``task``'s images, then freeze.
+
+    The temporary head is a cosine classifier with a learnable scale (initialised to 1), as
+    LAMDA-PILOT's and RanPAC's ``CosineLinear`` in the first session.
+    """
     if handle is None:
         return []
-    head = nn.Linear(backbone.feature_dim, task.num_new).to(learner.device)
+    head = CosineHead(backbone.feature_dim, sigma=1.0, learn_sigma=True)
+    head.grow(task.num_new)
+    head.to(learner.device)
     if handle.module.trains_backbone:
         backbone.requires_grad_(True)
     else:
@@ -79,7 +86,7 @@ def tune_first_session(
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(backbone(x)), y - start)
 
-    params = [*handle.parameters(), *head.parameters()]
+    params = [*handle.parameters(), *(p for p in head.parameters() if p.requires_grad)]
     losses = learner.fit(data, step, params, cfg, desc=f"first-session {cfg.tuning}", seed=task.index)
     backbone.requires_grad_(False)
     backbone.eval()

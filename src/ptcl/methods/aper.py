@@ -1,0 +1,178 @@
+"""APER (a.k.a. ADAM): adapt the pre-trained model once, then prototypes of both models.
+
+Zhou, Cai, Ye, Zhan, Liu. "Revisiting Class-Incremental Learning with Pre-Trained Models:
+Generalizability and Adaptivity are All You Need." IJCV 2024 (arXiv:2303.07338).
+
+Implemented as in the paper and LAMDA-PILOT's ``models/aper_*.py``:
+
+* first task: the backbone is tuned with ``method.tuning`` (``adapter`` = AdaptFormer,
+  ``ssf``, ``vpt_shallow``, ``vpt_deep``, or ``finetune`` = all weights) and a temporary
+  head with cross-entropy (:func:`ptcl.methods.adapt.tune_first_session`), then frozen;
+* the feature of an image is ``[pre-trained feature, adapted feature]`` (2 x D, in this
+  order, as PILOT's ``construct_dual_branch_network``);
+* after every task the prototype (class mean of the concatenated training features, eval
+  transform) of each new class becomes its row of a cosine classifier -- SimpleCIL on the
+  concatenated features.
+
+The pre-trained half comes from the frozen-feature cache (computed with every tuning
+module bypassed, before tuning), the adapted half from a cache keyed by the adapted
+weights' hash, so no second copy of the backbone exists and later tasks run no backbone
+pass. For ``finetune`` the checkpoint stores the tuned backbone; its pre-trained features
+must then come from the cache (a miss after tuning raises instead of caching wrong ones).
+
+Per-variant defaults (``method.epochs/lr/batch_size/weight_decay`` left unset = ``None``)
+are PILOT's ``exps/aper_*.json`` for CIFAR-100 B0 Inc10 (:data:`VARIANT_DEFAULTS`); the
+ImageNet-R settings (``exps/aper_*_inr.json``) are set explicitly in ``configs/``.
+Deviations: the temporary training head is the shared ``adapt`` linear head (PILOT trains
+a cosine head), and cosine annealing ends at lr 0 (PILOT ``min_lr`` 0 in these exps).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ptcl.data.scenario import Task
+from ptcl.errors import ConfigError
+from ptcl.heads.linear import CosineHead
+from ptcl.methods import adapt
+from ptcl.methods.adapt import FirstSessionConfig, Tuning
+from ptcl.methods.base import Learner
+from ptcl.methods.simplecil import class_means
+from ptcl.peft import TuningHandle, disabled
+from ptcl.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+_PEFT_COMMON: dict[str, Any] = {"epochs": 20, "lr": 0.01, "batch_size": 48, "weight_decay": 5e-4}
+
+#: LAMDA-PILOT exps/aper_{adapter,finetune,ssf,vpt_shallow,vpt_deep}.json (CIFAR-100 B0 Inc10):
+#: tuned_epoch, init_lr, batch_size, weight_decay, ffn_num 64, prompt_token_num 5. SSF
+#: starts from PILOT's random init (scale ~ N(1, .02), shift ~ N(0, .02)).
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adapter": {**_PEFT_COMMON, "tuning_options": {"bottleneck": 64}},
+    "ssf": {**_PEFT_COMMON, "tuning_options": {"init": "paper"}},
+    "vpt_shallow": {**_PEFT_COMMON, "tuning_options": {"num_prompts": 5}},
+    "vpt_deep": {**_PEFT_COMMON, "tuning_options": {"num_prompts": 5}},
+    "finetune": {"epochs": 6, "lr": 0.01, "batch_size": 128, "weight_decay": 0.05, "tuning_options": {}},
+}
+
+
+@dataclass
+class AperConfig(FirstSessionConfig):
+    """APER options. ``epochs``, ``lr``, ``batch_size`` and ``weight_decay`` left at ``None``
+    take the variant's paper default (:data:`VARIANT_DEFAULTS`); ``tuning_options`` are
+    merged over the variant's (bottleneck 64 / 5 prompt tokens / SSF paper init)."""
+
+    name: str = "aper"
+    tuning: Tuning = "adapter"
+    epochs: int | None = None  # type: ignore[assignment]
+    lr: float | None = None  # type: ignore[assignment]
+    batch_size: int | None = None  # type: ignore[assignment]
+    weight_decay: float | None = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.tuning == "none":
+            raise ConfigError(
+                "method.tuning=none is APER without adaptation, i.e. SimpleCIL: "
+                "use method.name=simplecil"
+            )
+        if self.tuning not in VARIANT_DEFAULTS:
+            raise ConfigError(f"bad value {self.tuning!r} for method.tuning; valid: {', '.join(VARIANT_DEFAULTS)}")
+        defaults = VARIANT_DEFAULTS[self.tuning]
+        for key in ("epochs", "lr", "batch_size", "weight_decay"):
+            if getattr(self, key) is None:
+                setattr(self, key, defaults[key])
+        self.tuning_options = {**defaults["tuning_options"], **self.tuning_options}
+        super().__post_init__()
+        if self.weight_decay < 0:
+            raise ConfigError(f"method.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@METHODS.register("aper")
+class Aper(Learner):
+    """APER: first-session tuning, then a cosine classifier of concatenated prototypes."""
+
+    config_cls = AperConfig
+    input_kind = "features"
+
+    def __init__(self, cfg: AperConfig, backbone, ctx) -> None:
+        super().__init__(cfg, backbone, ctx)
+        self.handle: TuningHandle | None = None  # attached by the first before_task
+        self.updates_backbone = cfg.tuning == "finetune"
+        self.head = CosineHead(2 * backbone.feature_dim)
+        self._features: dict[str, torch.Tensor] = {}  # split -> [pre-trained, adapted]
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def before_task(self, task: Task) -> None:
+        if task.is_first:  # the tuning module is structure: replayed on resume
+            self.handle = adapt.attach_tuning(self.backbone, self.cfg)
+        self.head.grow(task.num_new)
+
+    def train_task(self, task: Task) -> None:
+        if not task.is_first:
+            return  # the backbone stays frozen after the first task
+        for split in ("train", "test"):  # pre-trained features, before any weight changes
+            self._pretrained(split)
+        self.to(self.device)
+        adapt.tune_first_session(self, self.backbone, self.handle, task, self.cfg)
+        self._features.clear()
+
+    def after_task(self, task: Task) -> None:
+        feats, labels = self.features("train", task.classes)
+        self.head.weight.data[task.start : task.end] = class_means(feats, labels, task.classes).to(
+            self.head.weight.device
+        )
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    # -- features ------------------------------------------------------------------------
+    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[pre-trained, adapted]`` features (2 x D) and labels of ``classes`` in ``split``."""
+        if split not in self._features:
+            adapted = adapt.adapted_features(self, self.backbone, split)
+            self._features[split] = torch.cat([self._pretrained(split), adapted], dim=1)
+        pos = torch.from_numpy(self.ctx.data.positions(split, classes))
+        return self._features[split][pos], self.ctx.data.labels(split, classes)
+
+    def _pretrained(self, split: str) -> torch.Tensor:
+        """Pre-trained features of ``split`` (the shared frozen-feature cache)."""
+        with self._pretrained_forward():
+            return self.ctx.data.frozen_features(split)
+
+    @contextmanager
+    def _pretrained_forward(self) -> Iterator[None]:
+        """Make a cache miss compute pre-trained features: tuning modules are bypassed;
+        full fine-tuning cannot be undone, so a miss after it raises instead."""
+        if not self.updates_backbone:
+            with disabled(self.backbone.model):
+                yield
+            return
+        bb = self.backbone
+
+        def check(module: torch.nn.Module, args: Any) -> None:
+            hook.remove()
+            if bb.state_fingerprint() != bb.fingerprint():
+                raise RuntimeError(
+                    "aper tuning=finetune: the pre-trained features are not in the feature "
+                    "cache and the backbone is already fine-tuned; rerun with the feature "
+                    "cache enabled (the run computes them before tuning)"
+                )
+
+        hook = bb.register_forward_pre_hook(check)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        self._features.clear()  # the adapted weights may change: recompute features lazily
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,228 @@
+"""EASE: an expandable ensemble of per-task adapter subspaces with prototype complement.
+
+Zhou, Sun, Ye, Zhan. "Expandable Subspace Ensemble for Pre-Trained Model-Based
+Class-Incremental Learning." CVPR 2024 (arXiv:2403.12030). Official code:
+github.com/sun-hailong/CVPR24-Ease (also LAMDA-PILOT ``models/ease.py``).
+
+Implemented as in the official code (defaults of its ``exps/ease_cifar_in21k.json``):
+
+* every task ``t`` attaches a fresh AdaptFormer adapter set (bottleneck 64, scale 0.1,
+  dropout 0.1, "lora" init) trained with a temporary cosine head (learnable scale) and
+  cross-entropy on the task's images, with every other adapter set bypassed; it is
+  frozen afterwards;
+* the feature of an image is the concatenation of the ``[CLS]`` features of the ViT run
+  with one adapter set at a time (``use_init_ptm=false``: no pre-trained sub-space);
+* after task ``t`` the new classes' prototypes (class means, eval transform) are written in
+  every sub-space ``0..t``; old classes' prototypes in the sub-spaces of later tasks are
+  synthesised by the semantic-guided complement: for old task ``i`` and later sub-space
+  ``d``, with reference classes ``R`` (classes of tasks ``>= d``), ``P[c, d] = sum_r
+  softmax_r(cos(P[c, i], P[r, i])) P[r, d]`` (``recalc_sim=true`` recomputes every pair
+  ``i < d <= t`` each task; ``false`` fills only the new sub-space, the paper's Eq.);
+* prediction: cosine per sub-space, re-weighted: a class's own task's sub-space has weight
+  1, each other sub-space ``alpha / t`` (``forward_reweight``, ``alpha=0.1``).
+
+Each sub-space's features of the selected train and test images are extracted once, after
+its task, and cached on disk under a hash of the pre-trained weights and that adapter's
+weights, so a run costs one backbone pass per adapter. Only the new classes' training
+features are ever used (exemplar-free). Not implemented: the optional pre-trained sub-space
+(``use_init_ptm``/``beta``) and the exemplar variant (``use_old_data``).
+
+The helpers :func:`only`, :func:`subspace_fingerprint` and :class:`SubspaceForward`
+(one adapter set active at a time) are shared with :mod:`ptcl.methods.mos`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptcl.backbones.base import Backbone
+from ptcl.config import TrainConfig
+from ptcl.data.scenario import Task
+from ptcl.errors import ConfigError
+from ptcl.heads.linear import CosineHead
+from ptcl.methods.base import Learner
+from ptcl.peft import TuningHandle, attach
+from ptcl.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------- shared helpers
+@contextmanager
+def only(handles: Sequence[TuningHandle], keep: int) -> Iterator[None]:
+    """Within the block only ``handles[keep]`` is active; every other set is bypassed."""
+    with ExitStack() as stack:
+        for i, h in enumerate(handles):
+            if i != keep:
+                stack.enter_context(h.disabled())
+        yield
+
+
+def subspace_fingerprint(base: str, handle: TuningHandle) -> str:
+    """Identifies the features of the backbone (pre-trained hash ``base``) run with only
+    ``handle``'s adapter set: the set's weights and options, not its name or the others."""
+    m = handle.module
+    h = hashlib.sha256(f"{base}|{type(m).__name__}|{getattr(m, 'input', '')}".encode())
+    h.update(repr([getattr(a, "scale", None) for a in m.modules()]).encode())
+    for k, v in sorted(handle.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class SubspaceForward(nn.Module):
+    """``backbone`` with only ``handles[keep]`` active (for the feature cache)."""
+
+    def __init__(self, backbone: Backbone, handles: Sequence[TuningHandle], keep: int) -> None:
+        super().__init__()
+        self.backbone, self.handles, self.keep = backbone, list(handles), keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with only(self.handles, self.keep):
+            return self.backbone(x)
+
+
+class SubspaceMixin:
+    """Per-adapter features of whole splits, cached on disk and memoised in memory."""
+
+    backbone: Backbone
+    handles: list[TuningHandle]
+
+    def subspace(self, split: str, t: int) -> torch.Tensor:
+        key = (split, t)
+        if key not in self._memo:
+            fp = subspace_fingerprint(self._base_fp, self.handles[t])
+            fwd = SubspaceForward(self.backbone, self.handles, t).eval()
+            self._memo[key] = self.ctx.data.cached_features(split, fwd, fp)
+        return self._memo[key]
+
+    def subspace_train(self, t: int, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features under adapter ``t`` of the training samples of ``classes`` only."""
+        pos = torch.from_numpy(self.ctx.data.positions("train", classes))
+        return self.subspace("train", t)[pos], self.ctx.data.labels("train", classes)
+
+    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated features of every adapter sub-space (``S * D`` columns)."""
+        pos = torch.from_numpy(self.ctx.data.positions(split, classes))
+        feats = torch.cat([self.subspace(split, t)[pos] for t in range(len(self.handles))], 1)
+        return feats, self.ctx.data.labels(split, classes)
+
+    def add_adapter_set(self, task: Task, bottleneck: int) -> None:
+        if self.backbone.kind != "vit":
+            raise ConfigError(f"{type(self).__name__} needs a ViT backbone; {self.backbone.name} is a CNN")
+        h = attach(self.backbone.model, "adapter", name=f"task{task.index}", bottleneck=bottleneck)
+        h.module.requires_grad_(False)
+        self.handles.append(h)
+
+
+def class_means(feats: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    return torch.stack([feats[labels == c].mean(0) for c in classes])
+
+
+def complement(old_i: torch.Tensor, ref_i: torch.Tensor, ref_d: torch.Tensor) -> torch.Tensor:
+    """Prototypes of old classes in a new sub-space ``d``: each row of ``old_i`` (old classes
+    in their own sub-space ``i``) mixes the rows of ``ref_d`` (reference classes in ``d``) with
+    weights ``softmax(cos(old_i, ref_i))`` over the reference classes (official code, no
+    temperature)."""
+    sim = F.normalize(old_i, dim=1) @ F.normalize(ref_i, dim=1).T
+    return F.softmax(sim, dim=1) @ ref_d
+
+
+# --------------------------------------------------------------------- method
+@dataclass
+class EASEConfig(TrainConfig):
+    """Official defaults (CVPR24-Ease ``exps/ease_cifar_in21k.json``): 20 epochs per task,
+    SGD lr 0.025, momentum 0.9, batch 48, weight decay 5e-4, cosine; ``ffn_num=64``;
+    ``alpha=0.1``; ``recalc_sim=true``."""
+
+    name: str = "ease"
+    epochs: int = 20
+    lr: float = 0.025
+    batch_size: int = 48
+    weight_decay: float = 5e-4
+    bottleneck: int = 64
+    alpha: float = 0.1
+    recalc_sim: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bottleneck <= 0:
+            raise ConfigError(f"method.bottleneck must be > 0, got {self.bottleneck}")
+        if self.alpha < 0:
+            raise ConfigError(f"method.alpha must be >= 0, got {self.alpha}")
+
+
+@METHODS.register("ease")
+class EASE(SubspaceMixin, Learner):
+    config_cls = EASEConfig
+    input_kind = "features"
+
+    def __init__(self, cfg: EASEConfig, backbone: Backbone, ctx) -> None:
+        super().__init__(cfg, backbone, ctx)
+        self._base_fp = backbone.fingerprint()
+        self.handles: list[TuningHandle] = []
+        self._memo: dict[tuple[str, int], torch.Tensor] = {}
+        self.dim = backbone.feature_dim
+        self.register_buffer("protos", torch.zeros(0, 0, self.dim))  # (classes, sub-spaces, D)
+        self.register_buffer("class_task", torch.zeros(0, dtype=torch.long))
+
+    def before_task(self, task: Task) -> None:
+        self.add_adapter_set(task, self.cfg.bottleneck)
+        c, s = self.protos.shape[:2]
+        grown = self.protos.new_zeros(task.end, s + 1, self.dim)
+        grown[:c, :s] = self.protos
+        self.protos = grown
+        self.class_task = torch.cat([self.class_task, self.class_task.new_full((task.num_new,), task.index)])
+
+    def train_task(self, task: Task) -> None:
+        t = task.index
+        h = self.handles[t]
+        h.module.requires_grad_(True)
+        head = CosineHead(self.dim, sigma=1.0, learn_sigma=True)
+        head.grow(task.num_new)
+        self.to(self.device)
+        head.to(self.device)
+        data = self.ctx.data.images("train", task.classes, train_transform=True)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(head(self.backbone(x)), y - task.start)
+
+        with only(self.handles, t):
+            losses = self.fit(data, step, [*h.parameters(), *head.parameters()],
+                              desc=f"task {t} adapter", seed=t)
+        h.module.requires_grad_(False)
+        log.info("EASE task %d adapter: loss %.4f -> %.4f", t, losses[0], losses[-1])
+
+    @torch.no_grad()
+    def after_task(self, task: Task) -> None:
+        t = task.index
+        for s in range(t + 1):  # new classes: real prototypes in every sub-space
+            feats, labels = self.subspace_train(s, task.classes)
+            self.protos[task.start : task.end, s] = class_means(feats, labels, task.classes).to(self.protos)
+        for i in range(t):  # old tasks: synthesised prototypes in later sub-spaces
+            old = (self.class_task == i).nonzero().squeeze(1)
+            for d in range(i + 1, t + 1) if self.cfg.recalc_sim else [t]:
+                ref = (self.class_task >= d).nonzero().squeeze(1)
+                self.protos[old, d] = complement(self.protos[old, i], self.protos[ref, i], self.protos[ref, d])
+
+    def weights(self) -> torch.Tensor:
+        """(classes, sub-spaces) weights: 1 on a class's own sub-space, ``alpha / t`` elsewhere."""
+        s = self.protos.shape[1]
+        w = torch.full((len(self.class_task), s), self.cfg.alpha / max(s - 1, 1), device=self.protos.device)
+        w[torch.arange(len(w)), self.class_task] = 1.0
+        return w
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.protos.shape[1]
+        xs = F.normalize(x.view(len(x), s, self.dim), dim=2)
+        cos = torch.einsum("bsd,csd->bcs", xs, F.normalize(self.protos, dim=2))
+        return (cos * self.weights()).sum(2)

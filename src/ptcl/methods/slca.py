@@ -1,0 +1,252 @@
+"""SLCA: Slow Learner with Classifier Alignment.
+
+Zhang, Wang, Kang, Chen, Wei. "SLCA: Slow Learner with Classifier Alignment for Continual
+Learning on a Pre-trained Model." ICCV 2023 (arXiv:2303.05118). Defaults follow the
+authors' code (github.com/GengDavid/SLCA, ``models/slca.py``, ``exps/slca/*.json``).
+
+Implemented, per task:
+
+1. *Slow learner*: the whole backbone and a new linear head for the task's classes are
+   trained with cross-entropy on the current task's data only (old classes' logits are
+   masked out; old heads are frozen). SGD, the backbone's lr is the head's lr times
+   ``backbone_lr_scale`` (1/100), step decay at ``milestones``.
+2. *Class statistics*: mean and covariance (+ ``cov_ridge`` * I) of each new class's
+   features (eval transform, current backbone). Old classes keep the statistics from the
+   task that taught them (exemplar-free); they are buffers, so checkpoints restore them.
+3. *Classifier alignment* (from the second task on): the heads of all seen classes are
+   fine-tuned on features sampled from N(mu_c, Sigma_c) (``ca_samples`` per class and
+   epoch, freshly drawn each epoch) with the logit normalisation of the official code
+   (logits divided by the mean over tasks of each task's logit L2 norm and by the
+   temperature ``ca_logit_norm``).
+
+As in the official code, the aligned head is used for prediction, but the next task starts
+from the heads before alignment (``fc.backup()``/``fc.recall()``): both are kept. Also as
+in the official code (not described in the paper), the sampled means of a class learned at
+task ``t`` are scaled by ``1 - s + s (t+1)/(T+1)`` at task ``T`` (``ca_mean_shrink`` = s).
+
+Deviations: the step decay restarts the SGD momentum at each milestone (the engine's loop
+schedules per call); ``scheduler=cosine`` replaces the step decay if asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ptcl.config import TrainConfig
+from ptcl.data.features import extract_features
+from ptcl.data.scenario import Task
+from ptcl.errors import ConfigError
+from ptcl.heads.linear import IncrementalLinear
+from ptcl.methods.base import Learner
+from ptcl.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SLCAConfig(TrainConfig):
+    """``lr`` is the head's learning rate; the backbone's is ``lr * backbone_lr_scale``."""
+
+    name: str = "slca"
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 128
+    weight_decay: float = 5e-4
+    scheduler: Literal["cosine", "constant"] = "constant"  # constant: step decay at milestones
+    milestones: list[int] = field(default_factory=lambda: [18])
+    lr_decay: float = 0.1
+    backbone_lr_scale: float = 0.01  # 0: frozen backbone (the paper's "w/o SL" ablation)
+    ca_epochs: int = 5
+    ca_lr: float = 0.01
+    ca_batch_size: int = 256
+    ca_samples: int = 256  # features sampled per class and alignment epoch
+    ca_logit_norm: float = 0.1  # temperature of the logit normalisation; 0: plain CE
+    ca_mean_shrink: float = 0.1
+    cov_ridge: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for n in ("lr_decay", "ca_lr", "ca_batch_size", "ca_samples"):
+            if getattr(self, n) <= 0:
+                raise ConfigError(f"method.{n} must be > 0, got {getattr(self, n)!r}")
+        for n in ("backbone_lr_scale", "ca_epochs", "ca_logit_norm", "cov_ridge"):
+            if getattr(self, n) < 0:
+                raise ConfigError(f"method.{n} must be >= 0, got {getattr(self, n)!r}")
+        if not 0 <= self.ca_mean_shrink < 1:
+            raise ConfigError(f"method.ca_mean_shrink must be in [0, 1), got {self.ca_mean_shrink}")
+        if any(m <= 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
+            raise ConfigError(f"method.milestones must be increasing positive epochs, got {self.milestones}")
+
+
+def task_normalised_logits(logits: torch.Tensor, bounds: list[int], temperature: float) -> torch.Tensor:
+    """SLCA's logit normalisation: ``logits / (mean_t ||logits[:, task t]||_2) / temperature``.
+
+    ``bounds`` are the class boundaries of the tasks, ``[0, end_0, end_1, ...]``.
+    """
+    norms = torch.stack([logits[:, a:b].norm(dim=1) + 1e-7 for a, b in zip(bounds[:-1], bounds[1:])], 1)
+    return logits / norms.mean(1, keepdim=True) / temperature
+
+
+def gaussian_stats(feats: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance (float64, ``+ ridge * I``) of ``feats`` (N x D)."""
+    f = feats.double()
+    eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+    cov = torch.cov(f.T) if len(f) > 1 else torch.zeros_like(eye)
+    return f.mean(0), cov + ridge * eye
+
+
+def cholesky_factors(covs: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors of ``covs`` (C x D x D), adding jitter where one is singular."""
+    out = []
+    for cov in covs.double():
+        jitter = 0.0
+        for _ in range(8):
+            eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+            chol, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+            if int(info) == 0:
+                break
+            jitter = max(jitter * 10, 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12)))
+        out.append(chol.float())
+    return torch.stack(out)
+
+
+def sample_gaussians(means: torch.Tensor, chols: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One sample of N(means[y], chols[y] chols[y]^T) for every ``y`` in ``labels``."""
+    out = torch.empty(len(labels), means.shape[1], device=means.device)
+    for c in labels.unique().tolist():
+        idx = labels == c
+        z = torch.randn(int(idx.sum()), means.shape[1], device=means.device)
+        out[idx] = means[c] + z @ chols[c].T
+    return out
+
+
+@METHODS.register("slca")
+class SLCA(Learner):
+    config_cls = SLCAConfig
+    input_kind = "images"
+    test_options = {"ca_epochs": 2, "ca_samples": 16, "ca_batch_size": 16}
+
+    def __init__(self, cfg: SLCAConfig, backbone, ctx) -> None:
+        super().__init__(cfg, backbone, ctx)
+        self.updates_backbone = cfg.backbone_lr_scale > 0
+        dim = backbone.feature_dim
+        self.head = IncrementalLinear(dim)  # per-task heads as trained (before alignment)
+        self.aligned = IncrementalLinear(dim)  # after classifier alignment: used to predict
+        self.register_buffer("class_means", torch.zeros(0, dim))
+        self.register_buffer("class_covs", torch.zeros(0, dim, dim))
+
+    def before_task(self, task: Task) -> None:
+        self.head.grow(task.num_new)
+        self.aligned.grow(task.num_new)
+        dim = self.backbone.feature_dim
+        dev = self.class_means.device
+        self.class_means = torch.cat([self.class_means, torch.zeros(task.num_new, dim, device=dev)])
+        self.class_covs = torch.cat([self.class_covs, torch.zeros(task.num_new, dim, dim, device=dev)])
+
+    # -- 1. slow learner ---------------------------------------------------------------
+    def param_groups(self, head: nn.Module, scale: float = 1.0) -> list[dict]:
+        """Optimiser groups: the backbone at ``lr * backbone_lr_scale``, the head at ``lr``."""
+        cfg: SLCAConfig = self.cfg  # type: ignore[assignment]
+        groups = [{"params": list(head.parameters()), "lr": cfg.lr * scale}]
+        if cfg.backbone_lr_scale > 0:
+            groups.insert(0, {"params": list(self.backbone.parameters()), "lr": cfg.lr * scale * cfg.backbone_lr_scale})
+        return groups
+
+    def phases(self) -> list[tuple[int, float]]:
+        """(epochs, lr factor) of each constant-lr phase of the step schedule."""
+        cfg: SLCAConfig = self.cfg  # type: ignore[assignment]
+        if cfg.scheduler == "cosine":
+            return [(cfg.epochs, 1.0)]
+        cuts = [0, *(m for m in cfg.milestones if m < cfg.epochs), cfg.epochs]
+        return [(b - a, cfg.lr_decay**i) for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+
+    def train_task(self, task: Task) -> None:
+        self.to(self.device)
+        dim = self.backbone.feature_dim
+        new = nn.Linear(dim, task.num_new).to(self.device)
+        nn.init.trunc_normal_(new.weight, std=0.02)
+        nn.init.zeros_(new.bias)
+        self.backbone.requires_grad_(self.updates_backbone)
+        data = self.ctx.data.images("train", task.classes, train_transform=True)
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(new(self.backbone(x)), y - task.start)  # current logits only
+
+        for i, (epochs, scale) in enumerate(self.phases()):
+            self.fit(data, step, self.param_groups(new, scale), epochs=epochs,
+                     desc=f"task {task.index}", seed=100 * task.index + i)
+        self.backbone.requires_grad_(False)
+        with torch.no_grad():
+            self.head.weight[task.start : task.end] = new.weight
+            self.head.bias[task.start : task.end] = new.bias
+
+    # -- 2. class statistics and 3. classifier alignment ----------------------------------
+    def after_task(self, task: Task) -> None:
+        self.store_class_stats(task)
+        self.align(task)
+
+    @torch.no_grad()
+    def store_class_stats(self, task: Task) -> None:
+        """Mean and covariance of the new classes' train features (eval transform)."""
+        data = self.ctx.data
+        ds = data.images("train", task.classes, train_transform=False)
+        self.backbone.eval()
+        feats = extract_features(self.backbone, ds, data.batch_size, data.num_workers, self.device,
+                                 desc="slca stats", quiet=self.ctx.quiet)
+        labels = torch.from_numpy(ds.labels)
+        for c in task.classes:
+            mean, cov = gaussian_stats(feats[labels == c], self.cfg.cov_ridge)
+            self.class_means[c] = mean.to(self.class_means)
+            self.class_covs[c] = cov.to(self.class_covs)
+
+    def sampling_means(self, task: Task) -> torch.Tensor:
+        """Class means to sample around at ``task`` (the official code's mean shrinking)."""
+        s = self.cfg.ca_mean_shrink
+        factor = torch.ones(task.end, 1, device=self.class_means.device)
+        for t in self.ctx.scenario.tasks[: task.index + 1]:
+            factor[t.start : t.end] = 1 - s + s * (t.index + 1) / (task.index + 1)
+        return self.class_means[: task.end] * factor
+
+    def align(self, task: Task) -> list[float]:
+        """Fine-tune the heads of all seen classes on features sampled from their Gaussians."""
+        cfg: SLCAConfig = self.cfg  # type: ignore[assignment]
+        with torch.no_grad():
+            self.aligned.weight.copy_(self.head.weight)
+            self.aligned.bias.copy_(self.head.bias)
+        if task.index == 0 or cfg.ca_epochs == 0:
+            return []
+        n = task.end
+        head = nn.Linear(self.backbone.feature_dim, n).to(self.device)
+        with torch.no_grad():
+            head.weight.copy_(self.head.weight)
+            head.bias.copy_(self.head.bias)
+        means = self.sampling_means(task).to(self.device)
+        chols = cholesky_factors(self.class_covs[:n]).to(self.device)
+        bounds = [0, *(t.end for t in self.ctx.scenario.tasks[: task.index + 1])]
+        labels = torch.arange(n).repeat_interleave(cfg.ca_samples)
+
+        def step(y: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+            logits = head(sample_gaussians(means, chols, y))
+            if cfg.ca_logit_norm > 0:
+                logits = task_normalised_logits(logits, bounds, cfg.ca_logit_norm)
+            return F.cross_entropy(logits, y)
+
+        ca_cfg = dataclasses.replace(cfg, lr=cfg.ca_lr, batch_size=cfg.ca_batch_size, scheduler="cosine")
+        losses = self.fit(TensorDataset(labels, labels), step, head.parameters(), cfg=ca_cfg,
+                          epochs=cfg.ca_epochs, desc=f"align {task.index}", seed=100 * task.index + 99)
+        log.info("classifier alignment task %d: loss %.4f -> %.4f", task.index, losses[0], losses[-1])
+        with torch.no_grad():
+            self.aligned.weight.copy_(head.weight)
+            self.aligned.bias.copy_(head.bias)
+        return losses
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.aligned(self.backbone(x))

@@ -1,0 +1,73 @@
+"""Sequential VPT: one set of visual prompts trained task after task (the naive baseline).
+
+Jia, Tang, Chen, Cardie, Belongie, Hariharan, Lim. "Visual Prompt Tuning." ECCV 2022
+(arXiv:2203.12119).
+
+Not a continual-learning method of its own: the lower bound of prompt-based methods.
+One VPT module (``vpt_deep`` with 5 tokens per block by default, LAMDA-PILOT's VPT setting
+in APER, ``exps/adam_vpt_deep.json``; ``deep: false`` gives VPT-shallow) and a growing
+linear head are trained on each new task's data only, with cross-entropy over all classes
+seen so far; nothing protects old tasks, so the shared prompts and head drift and the
+method forgets. The optimiser follows the same PILOT file (SGD, lr 0.01, momentum 0.9,
+batch 48, weight decay 5e-4, cosine schedule, 20 epochs), re-created every task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ptcl.config import TrainConfig, _positive
+from ptcl.data.scenario import Task
+from ptcl.errors import ConfigError
+from ptcl.heads.linear import IncrementalLinear
+from ptcl.methods.base import Learner
+from ptcl.peft import TuningHandle, attach
+from ptcl.registry import METHODS
+
+
+@dataclass
+class VPTSeqConfig(TrainConfig):
+    name: str = "vpt_seq"
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 48
+    weight_decay: float = 5e-4
+    num_prompts: int = 5
+    deep: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "num_prompts")
+
+
+@METHODS.register("vpt_seq")
+class VPTSeq(Learner):
+    config_cls = VPTSeqConfig
+    input_kind = "images"
+
+    def __init__(self, cfg: VPTSeqConfig, backbone, ctx) -> None:
+        super().__init__(cfg, backbone, ctx)
+        if backbone.kind != "vit":
+            raise ConfigError(f"vpt_seq needs a ViT backbone; {backbone.name} is a CNN")
+        self.vpt: TuningHandle | None = None  # attached by the first before_task
+        self.head = IncrementalLinear(backbone.feature_dim)
+
+    def before_task(self, task: Task) -> None:
+        if self.vpt is None:
+            kind = "vpt_deep" if self.cfg.deep else "vpt_shallow"
+            self.vpt = attach(self.backbone.model, kind, num_prompts=self.cfg.num_prompts)
+        self.head.grow(task.num_new)
+
+    def train_task(self, task: Task) -> None:
+        data = self.ctx.data.images("train", task.classes, train_transform=True)
+        self.to(self.device)
+        assert self.vpt is not None
+        params = [*self.vpt.parameters(), *self.head.parameters()]
+        self.fit(data, lambda x, y: F.cross_entropy(self.predict(x), y), params,
+                 desc=f"task {task.index}", seed=task.index)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))

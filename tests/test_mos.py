@@ -1,0 +1,158 @@
+"""MOS: properties of the algorithm on the tiny random ViT and synthetic features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_overrides
+
+from ptcl.backbones import build_backbone
+from ptcl.config import build_config
+from ptcl.data.datasets import load_dataset
+from ptcl.data.features import FeatureCache
+from ptcl.data.scenario import Scenario
+from ptcl.engine.data import DataManager
+from ptcl.engine.runner import seed_everything
+from ptcl.errors import ConfigError
+from ptcl.methods.base import LearnerContext
+from ptcl.methods.mos import MOS, adapter_mean, merge_adapter, orth_loss
+
+D = 32  # vit_tiny_test feature dim
+
+
+def make(tmp_path, **extra) -> tuple[MOS, Scenario]:
+    opts = {"method.epochs": 2, "method.batch_size": 4, "method.lr": 0.05, "method.ca_epochs": 2, **extra}
+    cfg = build_config(None, tiny_overrides("mos", **opts))
+    seed_everything(cfg.seed)
+    splits = load_dataset(cfg.dataset)
+    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
+    bb = build_backbone(cfg.backbone)
+    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
+                     torch.device("cpu"), 16, 0, True)
+    return MOS(cfg.method, bb, LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, quiet=True)), sc
+
+
+def step(learner: MOS, task) -> None:
+    seed_everything(1993 + task.index)
+    learner.before_task(task)
+    learner.train_task(task)
+    learner.after_task(task)
+
+
+def test_config_defaults_and_validation():
+    cfg = build_config(None, ["method.name=mos"]).method
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.bottleneck) == (20, 0.03, 48, 5e-4, 16)
+    assert (cfg.adapter_momentum, cfg.reg, cfg.ensemble, cfg.ca_epochs, cfg.ca_lr) == (0.1, 0.1, True, 30, 0.005)
+    with pytest.raises(ConfigError, match="adapter_momentum"):
+        build_config(None, ["method.name=mos", "method.adapter_momentum=2"])
+
+
+def test_adapter_merge_equals_the_formula_on_stored_weights(tmp_path):
+    learner, sc = make(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    for task in sc.tasks[:3]:
+        learner.before_task(task)
+        with torch.no_grad():
+            for p in learner.handles[-1].module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+    h0, h1, h2 = (h.state_dict() for h in learner.handles)
+    merge_adapter(learner.handles[2], adapter_mean(learner.handles[:2]), 0.1)
+    for k, v in learner.handles[2].state_dict().items():
+        torch.testing.assert_close(v, 0.9 * h2[k] + 0.1 * (h0[k] + h1[k]) / 2)
+    for h, before in zip(learner.handles[:2], (h0, h1)):
+        assert all(torch.equal(v, before[k]) for k, v in h.state_dict().items())  # stored sets untouched
+    merge_adapter(learner.handles[0], adapter_mean([]), 0.1)  # first task: nothing to merge
+    assert all(torch.equal(v, h0[k]) for k, v in learner.handles[0].state_dict().items())
+
+
+def test_training_merges_continues_from_previous_adapter_and_freezes_old(tmp_path, monkeypatch):
+    learner, sc = make(tmp_path)
+    step(learner, sc.tasks[0])
+    first = learner.handles[0].state_dict()
+    calls = []
+    import ptcl.methods.mos as mos
+
+    real_merge = mos.merge_adapter
+    monkeypatch.setattr(mos, "merge_adapter", lambda h, tgt, m: (calls.append(bool(tgt)), real_merge(h, tgt, m)))
+    step(learner, sc.tasks[1])
+    n_steps = 2 * 3  # 2 epochs x 3 batches (12 images, batch 4)
+    assert len(calls) == n_steps and all(calls)  # merged with the old adapter after every step
+    assert all(torch.equal(v, first[k]) for k, v in learner.handles[0].state_dict().items())
+    feats, _ = learner.features("test", range(4))
+    assert feats.shape == (12, 2 * D)
+
+
+def test_orth_loss_pushes_features_from_old_means():
+    f = torch.zeros(4, 8)
+    f[:, :4] = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    assert orth_loss(f, torch.zeros(0, 8)).item() == pytest.approx(
+        F.cross_entropy(f @ f.T / 0.8, torch.arange(4)).item(), rel=1e-5)
+    near = orth_loss(f, f[:2].clone())  # features on the old means: high loss
+    far = orth_loss(f, 3 * torch.eye(8)[4:6])  # old means orthogonal to the features
+    assert near > far + 0.3
+
+
+def retrieval_learner(tmp_path) -> MOS:
+    learner, sc = make(tmp_path)
+    for task in sc.tasks[:2]:  # classes 0,1 -> task 0; 2,3 -> task 1
+        learner.before_task(task)
+    with torch.no_grad():
+        learner.head.weight.copy_(torch.eye(4, D))  # the head reads class c from coordinate c
+        learner.head.bias.zero_()
+    return learner
+
+
+def onehot(c: int) -> torch.Tensor:
+    return F.one_hot(torch.tensor(c), D).float()
+
+
+def test_self_refined_retrieval_follows_the_predicted_task(tmp_path):
+    learner = retrieval_learner(tmp_path)
+    feats = torch.stack([
+        torch.stack([onehot(3), onehot(2)]),  # adapter 0 says task 1; adapter 1 agrees: stop there
+        torch.stack([onehot(1), onehot(3)]),  # adapter 0 says task 0: stay
+        torch.stack([onehot(2), onehot(0)]),  # oscillates 0 -> 1 -> 0 -> 1: capped at 4 steps
+    ])
+    final = learner.retrieve(feats, torch.tensor([0, 0, 0]))
+    head = learner.head
+    torch.testing.assert_close(final[0], head(feats[0, 1:2])[0])
+    torch.testing.assert_close(final[1], head(feats[1, 0:1])[0])
+    torch.testing.assert_close(final[2], head(feats[2, 1:2])[0])  # 4th evaluation: adapter 1
+    learner.cfg.refine_steps = 3
+    torch.testing.assert_close(learner.retrieve(feats, torch.tensor([0, 0, 0]))[2], head(feats[2, 0:1])[0])
+
+
+def test_predict_starts_from_the_prototype_task_and_ensembles(tmp_path):
+    learner = retrieval_learner(tmp_path)
+    learner.protos.copy_(torch.eye(4, D) + 0.5)
+    x = torch.cat([onehot(2) + 0.5, onehot(2)]).unsqueeze(0)  # prototypes say class 2 (task 1)
+    learner.cfg.ensemble = False
+    torch.testing.assert_close(learner.predict(x), learner.head(onehot(2).unsqueeze(0)))
+    learner.cfg.ensemble = True
+    orig = F.normalize(x[:, :D], dim=1) @ F.normalize(learner.protos, dim=1).T
+    want = F.softmax(learner.head(onehot(2).unsqueeze(0)), 1) + F.softmax(2 * orig, 1)
+    torch.testing.assert_close(learner.predict(x), want)
+
+
+def test_classifier_alignment_trains_on_sampled_old_class_features(tmp_path):
+    learner, sc = make(tmp_path, **{"method.ca_epochs": 3, "method.ca_lr": 0.5})
+    for task in sc.tasks[:2]:
+        learner.before_task(task)
+    centers = 5 * torch.eye(4, D)
+    learner.means.copy_(centers)
+    learner.covs.copy_(0.01 * torch.eye(D).expand(4, D, D))
+    with torch.no_grad():
+        learner.head.weight.zero_()
+        learner.head.weight[2:] = torch.eye(4, D)[2:]  # knows only the new classes
+        learner.head.bias.zero_()
+    seen = []
+    learner.head.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    learner.align_classifier(sc.tasks[1])
+    x = torch.cat(seen)
+    nearest = torch.cdist(x, centers).argmin(1)
+    assert torch.cdist(x, centers).min(1).values.max() < 1.5  # samples lie around the class means
+    counts = torch.bincount(nearest, minlength=4)
+    per_class = learner.cfg.batch_size * 5 * 3
+    assert counts.tolist() == [per_class] * 4  # old classes 0, 1 are sampled as often as new ones
+    assert (learner.head(centers).argmax(1) == torch.arange(4)).all()  # old classes now recognised

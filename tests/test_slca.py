@@ -1,0 +1,179 @@
+"""Property tests of SLCA: slow learner lrs, per-class Gaussian statistics, classifier
+alignment on sampled features with logit normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_overrides
+
+import ptcl.engine.train as train_mod
+import ptcl.methods.slca as slca_mod
+from ptcl.backbones import build_backbone
+from ptcl.config import build_config
+from ptcl.data.datasets import load_dataset
+from ptcl.data.features import FeatureCache, extract_features
+from ptcl.data.scenario import Scenario
+from ptcl.engine.data import DataManager
+from ptcl.engine.runner import seed_everything
+from ptcl.errors import ConfigError
+from ptcl.methods.base import LearnerContext
+from ptcl.methods.slca import SLCA, gaussian_stats, sample_gaussians, task_normalised_logits
+
+FAST = {"method.epochs": 1, "method.batch_size": 8, "method.ca_epochs": 2, "method.ca_samples": 16,
+        "method.ca_batch_size": 16}
+
+
+def make(tmp_path, **opts) -> tuple[SLCA, Scenario]:
+    cfg = build_config(None, tiny_overrides("slca", **{**FAST, **opts}))
+    seed_everything(cfg.seed)
+    splits = load_dataset(cfg.dataset)
+    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
+    bb = build_backbone(cfg.backbone)
+    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
+                     torch.device("cpu"), 16, 0, True)
+    return SLCA(cfg.method, bb, LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, quiet=True)), sc
+
+
+def run_task(learner: SLCA, task) -> None:
+    learner.before_task(task)
+    learner.train_task(task)
+    learner.after_task(task)
+
+
+def test_backbone_group_is_slow_and_follows_step_decay(tmp_path, monkeypatch):
+    learner, sc = make(tmp_path, **{"method.epochs": 2, "method.milestones": "[1]", "method.lr": 0.02})
+    groups_seen = []
+    real = train_mod.make_optimizer
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda p, c: groups_seen.append(list(p)) or real(groups_seen[-1], c))
+    before = {k: v.clone() for k, v in learner.backbone.state_dict().items()}
+    learner.before_task(sc.tasks[0])
+    learner.train_task(sc.tasks[0])
+    assert len(groups_seen) == 2  # two constant-lr phases around the milestone
+    bb_ids = {id(p) for p in learner.backbone.parameters()}
+    for (bb, head), factor in zip(groups_seen, (1.0, 0.1)):
+        assert {id(p) for p in bb["params"]} == bb_ids
+        assert not bb_ids & {id(p) for p in head["params"]}
+        assert head["lr"] == pytest.approx(0.02 * factor)
+        assert bb["lr"] == pytest.approx(head["lr"] / 100)
+    after = learner.backbone.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the slow learner must train the backbone"
+
+
+def test_zero_backbone_scale_freezes_backbone(tmp_path):
+    learner, sc = make(tmp_path, **{"method.backbone_lr_scale": 0})
+    assert not learner.updates_backbone
+    before = {k: v.clone() for k, v in learner.backbone.state_dict().items()}
+    run_task(learner, sc.tasks[0])
+    assert all(torch.equal(before[k], v) for k, v in learner.backbone.state_dict().items())
+
+
+def test_old_heads_frozen_and_next_task_starts_before_alignment(tmp_path):
+    learner, sc = make(tmp_path)
+    run_task(learner, sc.tasks[0])
+    torch.testing.assert_close(learner.aligned.weight, learner.head.weight, rtol=0, atol=0)  # no CA at task 0
+    w0 = learner.head.weight[:2].clone()
+    run_task(learner, sc.tasks[1])
+    torch.testing.assert_close(learner.head.weight[:2], w0, rtol=0, atol=0)
+    assert not torch.equal(learner.aligned.weight[:2], w0), "alignment must retune old heads"
+    x = torch.stack([learner.ctx.data.images("test", range(4))[i][0] for i in range(3)])
+    learner.eval()
+    with torch.no_grad():
+        feats = learner.backbone(x)
+        torch.testing.assert_close(learner.predict(x), learner.aligned(feats))  # predicts with aligned heads
+
+
+def test_class_stats_are_per_class_and_kept(tmp_path):
+    learner, sc = make(tmp_path)
+    run_task(learner, sc.tasks[0])
+    data = learner.ctx.data
+    ds = data.images("train", sc.tasks[0].classes)
+    feats = extract_features(learner.backbone, ds)
+    labels = torch.from_numpy(ds.labels)
+    for c in sc.tasks[0].classes:
+        mean, cov = gaussian_stats(feats[labels == c], 1e-4)
+        torch.testing.assert_close(learner.class_means[c], mean.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(learner.class_covs[c], cov.float(), rtol=1e-4, atol=1e-5)
+    means, covs = learner.class_means.clone(), learner.class_covs.clone()
+    run_task(learner, sc.tasks[1])
+    assert learner.class_means.shape[0] == 4 and learner.class_covs.shape[0] == 4
+    torch.testing.assert_close(learner.class_means[:2], means, rtol=0, atol=0)
+    torch.testing.assert_close(learner.class_covs[:2], covs, rtol=0, atol=0)
+    assert learner.class_means[2:].abs().sum() > 0
+
+
+def test_alignment_samples_all_seen_classes_from_stored_gaussians(tmp_path, monkeypatch):
+    learner, sc = make(tmp_path, **{"method.ca_mean_shrink": 0.0, "method.ca_samples": 400,
+                                    "method.ca_batch_size": 200, "method.ca_epochs": 1})
+    for t in sc.tasks[:2]:
+        learner.before_task(t)
+    d = learner.backbone.feature_dim
+    g = torch.Generator().manual_seed(0)
+    learner.class_means.copy_(torch.randn(4, d, generator=g) * 3)
+    a = torch.randn(4, d, d, generator=g) / d**0.5
+    learner.class_covs.copy_(a @ a.transpose(1, 2) + 0.1 * torch.eye(d))
+    seen_y, seen_x, normed = [], [], []
+    real_sample, real_norm = slca_mod.sample_gaussians, slca_mod.task_normalised_logits
+
+    def spy_sample(m, ch, y):
+        x = real_sample(m, ch, y)
+        seen_y.append(y.clone())
+        seen_x.append(x.clone())
+        return x
+
+    def spy_norm(logits, bounds, t):
+        normed.append((bounds, t))
+        return real_norm(logits, bounds, t)
+
+    monkeypatch.setattr(slca_mod, "sample_gaussians", spy_sample)
+    monkeypatch.setattr(slca_mod, "task_normalised_logits", spy_norm)
+    learner.align(sc.tasks[1])
+    y, x = torch.cat(seen_y), torch.cat(seen_x)
+    assert torch.bincount(y, minlength=4).tolist() == [400] * 4  # old classes 0, 1 included
+    for c in range(4):
+        err = (x[y == c].mean(0) - learner.class_means[c]).norm() / learner.class_means[c].norm()
+        assert err < 0.1
+    assert normed and all(b == [0, 2, 4] and t == 0.1 for b, t in normed)
+
+
+def test_alignment_learns_gaussian_classes_and_mean_shrink(tmp_path):
+    learner, sc = make(tmp_path, **{"method.ca_samples": 64, "method.ca_batch_size": 32, "method.ca_epochs": 5})
+    for t in sc.tasks[:2]:
+        learner.before_task(t)
+    d = learner.backbone.feature_dim
+    learner.class_means.copy_(torch.eye(d)[:4] * 5)
+    learner.class_covs.copy_(torch.eye(d).expand(4, d, d) * 0.1)
+    torch.testing.assert_close(learner.sampling_means(sc.tasks[1])[:, 0], torch.tensor([5 * 0.95, 0, 0, 0]))
+    learner.head.weight.data.zero_()
+    learner.head.bias.data.copy_(torch.tensor([0.0, 0.0, 3.0, 3.0]))  # biased to the new task
+    learner.align(sc.tasks[1])
+    y = torch.arange(4).repeat_interleave(50)
+    x = sample_gaussians(learner.class_means, torch.linalg.cholesky(learner.class_covs), y)
+    acc = (learner.aligned(x).argmax(1) == y).float().mean()
+    assert acc > 0.95
+
+
+def test_sample_gaussians_moments():
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(2, 5, generator=g)
+    a = torch.randn(2, 5, 5, generator=g)
+    cov = a @ a.transpose(1, 2) + torch.eye(5)
+    y = torch.tensor([1] * 20000 + [0] * 5)
+    torch.manual_seed(0)
+    x = sample_gaussians(mean, slca_mod.cholesky_factors(cov), y)[y == 1]
+    torch.testing.assert_close(x.mean(0), mean[1], atol=0.1, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), cov[1], atol=0.3, rtol=0.05)
+
+
+def test_task_normalised_logits():
+    logits = torch.tensor([[3.0, 4.0, 0.0, 1.0]])
+    out = task_normalised_logits(logits, [0, 2, 4], 0.1)
+    torch.testing.assert_close(out, logits / 3.0 / 0.1)  # norms 5 and 1 -> mean 3
+    torch.testing.assert_close(task_normalised_logits(7 * logits, [0, 2, 4], 0.1), out)
+
+
+@pytest.mark.parametrize("opt", ["method.ca_mean_shrink=1.0", "method.milestones=[5,2]",
+                                 "method.backbone_lr_scale=-1", "method.ca_samples=0"])
+def test_bad_config(opt):
+    with pytest.raises(ConfigError):
+        build_config(None, ["method.name=slca", opt])
