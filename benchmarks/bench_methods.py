@@ -1,28 +1,56 @@
 """Wall time of each method on the offline CIFAR-10 setting, split into backbone passes
 (feature extraction that fills the cache, including adapted features) and the rest
-(training, statistics, classifiers, evaluation).
+(training -- which for methods that train through the backbone includes their prompted or
+adapted forward/backward passes --, statistics, classifiers, evaluation).
 
 Every method runs with a cold feature cache, so its backbone passes are counted.
 
-    python benchmarks/bench_methods.py --methods simplecil ranpac fecam \\
+A method is ``NAME`` or ``NAME:key=value:key=value`` (``method.`` keys), e.g.
+``aper:tuning=ssf`` or ``ranpac:tuning=none``. ``--rows FILE`` appends each finished row
+to a JSON-lines file and prints the table of every row in it, so a long comparison can be
+run one method at a time (and survives an interruption); ``--table`` only prints it.
+
+    python benchmarks/bench_methods.py --methods simplecil ranpac:tuning=none fecam \\
         [--backbone efficientnet_lite0] [--image-size 224] [--init-cls 2 --increment 2] \\
-        [--epochs 3] [--set method.tuning=none]
+        [--epochs 3] [--set method.lr=0.01] [--rows rows.jsonl] [--keep-runs DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def method_overrides(spec: str) -> list[str]:
+    """``aper:tuning=ssf:epochs=5`` -> ``["method.name=aper", "method.tuning=ssf", ...]``."""
+    name, *opts = spec.split(":")
+    for o in opts:
+        if "=" not in o:
+            raise SystemExit(f"bad method spec {spec!r}: options are key=value (e.g. aper:tuning=ssf)")
+    return [f"method.name={name}", *(f"method.{o}" for o in opts)]
+
+
+def print_table(rows: list[dict]) -> None:
+    head = f"{'method':<28} {'epochs':>6} {'avg':>6} {'last':>6} {'total_s':>8} {'backbone_s':>10} {'rest_s':>8}"
+    print(head)  # noqa: T201
+    print("-" * len(head))  # noqa: T201
+    for r in rows:
+        print(  # noqa: T201
+            f"{r['method']:<28} {r['epochs'] or '-':>6} {r['avg']:6.2f} {r['last']:6.2f} "
+            f"{r['total_s']:8.1f} {r['backbone_s']:10.1f} {r['rest_s']:8.1f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--methods", nargs="+", required=True)
+    ap.add_argument("--methods", nargs="*", default=[])
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--archive", default=str(REPO.parent / "shared/data/cifar10-jpg.tar.gz"))
@@ -32,8 +60,17 @@ def main() -> None:
     ap.add_argument("--increment", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=None, help="method.epochs for trainable methods")
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every method")
+    ap.add_argument("--rows", type=Path, default=None, help="JSON-lines file the rows are appended to")
+    ap.add_argument("--table", action="store_true", help="only print the table of --rows")
+    ap.add_argument("--keep-runs", type=Path, default=None, help="keep each run folder under this folder")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.table:
+        if args.rows is None or not args.rows.is_file():
+            raise SystemExit("--table needs an existing --rows file")
+        print_table([json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()])
+        return
+    from ptcl.config import build_config
     from ptcl.engine.runner import run
     from ptcl.registry import METHODS
 
@@ -44,22 +81,35 @@ def main() -> None:
         *args.set,
     ] + ([f"backbone.image_size={args.image_size}"] if args.image_size else [])
     rows = []
-    for name in args.methods:
-        over = [f"method.name={name}", *base]
-        if args.epochs is not None and "epochs" in METHODS.get(name).config_cls.__dataclass_fields__:
+    for spec in args.methods:
+        over = [*method_overrides(spec), *base]
+        name = spec.split(":")[0]
+        has_epochs = "epochs" in METHODS.get(name).config_cls.__dataclass_fields__
+        if args.epochs is not None and has_epochs and ":epochs=" not in spec:
             over.append(f"method.epochs={args.epochs}")
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["PTCL_CACHE_DIR"] = tmp  # cold cache: every backbone pass is counted
-            m = run(None, over, out=Path(tmp) / "run", quiet=True)
+            out = args.keep_runs / spec.replace(":", "_").replace("=", "-") if args.keep_runs else Path(tmp) / "run"
+            t0 = time.perf_counter()
+            m = run(None, over, out=out, quiet=True)
+            wall = time.perf_counter() - t0
+        epochs = getattr(build_config(None, over).method, "epochs", None)
         total, feat = m["total_time_s"], m["feature_time_s"]
-        rows.append((name, m["avg_acc"], m["last_acc"], total, feat, total - feat))
-    head = f"{'method':<14} {'avg':>6} {'last':>6} {'total_s':>8} {'backbone_s':>10} {'rest_s':>8}"
+        row = {
+            "method": spec, "epochs": epochs, "avg": m["avg_acc"], "last": m["last_acc"],
+            "total_s": total, "backbone_s": feat, "rest_s": total - feat, "wall_s": wall,
+            "acc": m["accuracy_per_task"], "backbone": args.backbone, "image_size": args.image_size,
+            "tasks": f"{args.init_cls}+{args.increment}", "extra": args.set,
+        }
+        rows.append(row)
+        if args.rows is not None:
+            with args.rows.open("a") as f:
+                f.write(json.dumps(row) + "\n")
     print(f"backbone={args.backbone} size={args.image_size or 'default'} tasks={args.init_cls}+{args.increment}.. "  # noqa: T201
           f"epochs={args.epochs} extra={args.set}")
-    print(head)  # noqa: T201
-    print("-" * len(head))  # noqa: T201
-    for r in rows:
-        print(f"{r[0]:<14} {r[1]:6.2f} {r[2]:6.2f} {r[3]:8.1f} {r[4]:10.1f} {r[5]:8.1f}")  # noqa: T201
+    if args.rows is not None and args.rows.is_file():
+        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    print_table(rows)
 
 
 if __name__ == "__main__":

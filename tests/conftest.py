@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.register_assert_rewrite("helpers")  # plain asserts in the shared helpers report their values
+
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import assert_resume_matches_full, make_learner, run_task, tiny_overrides
 
 from ptcl.backbones import build_backbone
 from ptcl.config import build_config
-from ptcl.data.datasets import load_dataset
 from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
-from ptcl.engine.data import DataManager
-from ptcl.engine.runner import run, seed_everything
+from ptcl.engine.runner import run
 from ptcl.errors import ConfigError
 from ptcl.methods.aper import Aper
-from ptcl.methods.base import LearnerContext
 from ptcl.peft import disabled
 
 VARIANTS = ["finetune", "adapter", "ssf", "vpt_shallow", "vpt_deep"]
@@ -25,22 +22,7 @@ D = 32  # vit_tiny_test feature dim
 
 def make(tmp_path, tuning: str = "adapter", **extra) -> tuple[Aper, Scenario]:
     opts = {"method.tuning": tuning, "method.epochs": 2, "method.batch_size": 4, "method.lr": 0.05, **extra}
-    cfg = build_config(None, tiny_overrides("aper", **opts))
-    seed_everything(cfg.seed)
-    splits = load_dataset(cfg.dataset)
-    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
-    bb = build_backbone(cfg.backbone)
-    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
-                     torch.device("cpu"), 16, 0, True)
-    ctx = LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, quiet=True)
-    return Aper(cfg.method, bb, ctx), sc
-
-
-def step(learner: Aper, task) -> None:
-    seed_everything(1993 + task.index)
-    learner.before_task(task)
-    learner.train_task(task)
-    learner.after_task(task)
+    return make_learner(tmp_path, "aper", opts)  # type: ignore[return-value]
 
 
 def images(learner: Aper, split: str, classes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +53,7 @@ def test_config_rejects_none_and_fills_variant_defaults():
 
 def test_feature_is_pretrained_then_adapted(tmp_path):
     learner, sc = make(tmp_path)
-    step(learner, sc.tasks[0])
+    run_task(learner, sc.tasks[0])
     feats, labels = learner.features("test", range(2))
     x, y = images(learner, "test", range(2))
     plain, adapted = both_halves(learner, x)
@@ -95,7 +77,7 @@ def test_only_the_adapter_changes_and_only_in_the_first_task(tmp_path):
     assert any(".up.weight" in k for k in changed)
     head0 = learner.head.weight.detach().clone()
     for task in sc.tasks[1:3]:
-        step(learner, task)
+        run_task(learner, task)
     assert all(torch.equal(v, after[k]) for k, v in learner.backbone.state_dict().items())
     assert torch.equal(learner.head.weight[:2], head0)  # old prototypes are kept
 
@@ -103,7 +85,7 @@ def test_only_the_adapter_changes_and_only_in_the_first_task(tmp_path):
 def test_prototypes_are_class_means_of_concatenated_features(tmp_path):
     learner, sc = make(tmp_path)
     for task in sc.tasks[:2]:
-        step(learner, task)
+        run_task(learner, task)
     x, y = images(learner, "train", range(4))
     feats = torch.cat(both_halves(learner, x), dim=1)
     means = torch.stack([feats[y == c].mean(0) for c in range(4)])
@@ -120,7 +102,7 @@ def test_each_variant_adapts_and_runs(tuning, tmp_path):
     learner, sc = make(tmp_path, tuning)
     assert learner.updates_backbone == (tuning == "finetune")
     for task in sc.tasks[:2]:
-        step(learner, task)
+        run_task(learner, task)
     x, _ = images(learner, "test", range(4))
     plain, adapted = both_halves(learner, x)
     feats, _ = learner.features("test", range(4))
@@ -135,7 +117,7 @@ def test_each_variant_adapts_and_runs(tuning, tmp_path):
 def test_features_follow_loaded_weights(tmp_path):
     learner, sc = make(tmp_path)
     for task in sc.tasks[:2]:
-        step(learner, task)
+        run_task(learner, task)
     fresh, _ = make(tmp_path)
     for task in sc.tasks[:2]:
         fresh.before_task(task)
@@ -149,13 +131,7 @@ def test_features_follow_loaded_weights(tmp_path):
 def test_resume_after_task_2_gives_identical_metrics(tuning, tmp_path):
     over = tiny_overrides("aper", **{"method.tuning": tuning, "method.epochs": 1, "method.batch_size": 8,
                                      "scenario.increment": 4})  # 3 tasks: 2, 4, 4 classes
-    full = run(None, over, out=tmp_path / "full", quiet=True)
-    part = run(None, over, out=tmp_path / "part", quiet=True, max_tasks=2)
-    assert part["tasks_done"] == 2 and not part["finished"]
-    resumed = run(resume=tmp_path / "part", quiet=True)
-    assert resumed["finished"]
-    for k in ACC_KEYS:
-        assert resumed[k] == full[k], k
+    assert_resume_matches_full(over, tmp_path, ACC_KEYS)
 
 
 def test_finetune_never_caches_finetuned_features_as_pretrained(tmp_path):

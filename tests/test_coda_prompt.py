@@ -3,38 +3,20 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from helpers import fake_context, tiny_timm_vit
 
-from ptcl.backbones.base import Backbone, Preprocess
 from ptcl.config import build_config
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.methods.base import LearnerContext
 from ptcl.methods.coda_prompt import CodaPrompt, CodaPromptConfig, coda_weights
 
 
-class FakeData:
-    """``images_with_features`` / ``loader`` of a DataManager on random tensors."""
-
-    def images_with_features(self, split, classes, train_transform=False):
-        g = torch.Generator().manual_seed(classes[0])
-        return [((torch.randn(3, 32, 32, generator=g), torch.randn(32, generator=g)), c) for c in classes for _ in range(4)]
-
-    def loader(self, dataset, batch_size, shuffle, seed=0):
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
 def make(depth: int = 6, **opts) -> CodaPrompt:
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                            patch_size=8, embed_dim=32, depth=depth, num_heads=2).eval()
-    bb = Backbone(vit, "vit_test", 32, Preprocess(32, (0.5,) * 3, (0.5,) * 3))
+    bb = tiny_timm_vit(depth)
     cfg = CodaPromptConfig(**{"pool_size": 12, "epochs": 1, "batch_size": 4, **opts})
-    ctx = LearnerContext(FakeData(), None, torch.device("cpu"), 0, quiet=True)  # type: ignore[arg-type]
-    return CodaPrompt(cfg, bb, ctx)
+    return CodaPrompt(cfg, bb, fake_context())
 
 
 TASKS = [Task(i, 2 * i, 2 * i + 2, 3) for i in range(3)]

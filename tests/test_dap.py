@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-from torch.utils.data import DataLoader
+from helpers import fake_context, tiny_timm_vit
 
-from ptcl.backbones.base import Backbone, Preprocess
 from ptcl.config import build_config
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.methods.base import LearnerContext
 from ptcl.methods.dap import DAP, DAPConfig
 
 
-class FakeData:
-    def images_with_features(self, split, classes, train_transform=False):
-        g = torch.Generator().manual_seed(classes[0])
-        return [((torch.randn(3, 32, 32, generator=g), torch.randn(32, generator=g)), c) for c in classes for _ in range(4)]
-
-    def loader(self, dataset, batch_size, shuffle, seed=0):
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
-
-
 def make(depth: int = 4, **opts) -> DAP:
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                            patch_size=8, embed_dim=32, depth=depth, num_heads=2).eval()
-    bb = Backbone(vit, "vit_test", 32, Preprocess(32, (0.5,) * 3, (0.5,) * 3))
+    bb = tiny_timm_vit(depth)
     cfg = DAPConfig(**{"num_tokens": 3, "task_emb_dim": 4, "epochs": 1, "batch_size": 4, **opts})
-    ctx = LearnerContext(FakeData(), None, torch.device("cpu"), 0, quiet=True)  # type: ignore[arg-type]
-    return DAP(cfg, bb, ctx)
+    return DAP(cfg, bb, fake_context())
 
 
 def start(learner: DAP, n: int) -> list[Task]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
+from helpers import tiny_timm_vit
 
-from ptcl.backbones.base import Backbone, Preprocess
 from ptcl.config import build_config
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
@@ -14,10 +13,7 @@ from ptcl.methods.dualprompt import DualPrompt, DualPromptConfig
 
 
 def make(depth: int = 6, **opts) -> DualPrompt:
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                            patch_size=8, embed_dim=32, depth=depth, num_heads=2).eval()
-    bb = Backbone(vit, "vit_test", 32, Preprocess(32, (0.5,) * 3, (0.5,) * 3))
+    bb = tiny_timm_vit(depth)
     return DualPrompt(DualPromptConfig(**opts), bb, None)  # type: ignore[arg-type]
 
 

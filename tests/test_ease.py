@@ -6,17 +6,11 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import make_learner, run_task
 
-from ptcl.backbones import build_backbone
 from ptcl.config import build_config
-from ptcl.data.datasets import load_dataset
-from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
-from ptcl.engine.data import DataManager
-from ptcl.engine.runner import seed_everything
 from ptcl.errors import ConfigError
-from ptcl.methods.base import LearnerContext
 from ptcl.methods.ease import EASE, complement
 
 D = 32  # vit_tiny_test feature dim
@@ -24,21 +18,7 @@ D = 32  # vit_tiny_test feature dim
 
 def make(tmp_path, **extra) -> tuple[EASE, Scenario]:
     opts = {"method.epochs": 2, "method.batch_size": 4, "method.lr": 0.05, **extra}
-    cfg = build_config(None, tiny_overrides("ease", **opts))
-    seed_everything(cfg.seed)
-    splits = load_dataset(cfg.dataset)
-    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
-    bb = build_backbone(cfg.backbone)
-    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
-                     torch.device("cpu"), 16, 0, True)
-    return EASE(cfg.method, bb, LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, quiet=True)), sc
-
-
-def step(learner: EASE, task) -> None:
-    seed_everything(1993 + task.index)
-    learner.before_task(task)
-    learner.train_task(task)
-    learner.after_task(task)
+    return make_learner(tmp_path, "ease", opts)  # type: ignore[return-value]
 
 
 def test_config_defaults_and_validation():
@@ -51,10 +31,10 @@ def test_config_defaults_and_validation():
 
 def test_one_adapter_set_per_task_old_sets_frozen_and_subspace_features(tmp_path):
     learner, sc = make(tmp_path)
-    step(learner, sc.tasks[0])
+    run_task(learner, sc.tasks[0])
     first = learner.handles[0].state_dict()
     assert any(v.abs().sum() > 0 for k, v in first.items() if "up.weight" in k)  # it trained
-    step(learner, sc.tasks[1])
+    run_task(learner, sc.tasks[1])
     assert len(learner.handles) == 2
     for k, v in learner.handles[0].state_dict().items():
         assert torch.equal(v, first[k]), k  # bit-identical after the next task
@@ -81,7 +61,7 @@ def test_each_subspace_is_extracted_once(tmp_path):
     learner, sc = make(tmp_path, **{"method.epochs": 1})
     cache = learner.ctx.data.cache
     for task in sc.tasks[:2]:
-        step(learner, task)
+        run_task(learner, task)
         learner.features("test", range(task.end))
         learner.features("test", range(task.end))
     assert cache.misses == 4  # 2 adapters x (train, test), never the old adapter again

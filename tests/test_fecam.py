@@ -5,30 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_overrides
+from helpers import make_learner, run_task, tiny_overrides
 
-from ptcl.backbones import build_backbone
 from ptcl.config import build_config
-from ptcl.data.datasets import load_dataset
-from ptcl.data.features import FeatureCache
-from ptcl.data.scenario import Scenario
-from ptcl.engine.data import DataManager
-from ptcl.engine.runner import run, seed_everything
+from ptcl.engine.runner import run
 from ptcl.errors import ConfigError
 from ptcl.heads.gaussian import GaussianHead, mahalanobis, normalize_cov, shrink_cov, tukey
-from ptcl.methods.base import LearnerContext
-from ptcl.registry import METHODS
 
 
 def make(tmp_path, **extra):
-    cfg = build_config(None, tiny_overrides("fecam", **{"method.epochs": 1, "method.batch_size": 8, **extra}))
-    seed_everything(cfg.seed)
-    splits = load_dataset(cfg.dataset)
-    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
-    bb = build_backbone(cfg.backbone)
-    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
-                     torch.device("cpu"), 16, 0, True)
-    return METHODS.get("fecam")(cfg.method, bb, LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, True)), sc
+    return make_learner(tmp_path, "fecam", {"method.epochs": 1, "method.batch_size": 8, **extra})
 
 
 @pytest.mark.parametrize("gammas", [(1.0, 0.0), (10.0, 10.0), (1.0, 1.0)])
@@ -108,9 +94,7 @@ def test_learner_statistics_and_tukey_choice(tmp_path):
     learner, sc = make(tmp_path)
     assert learner.head.beta is None  # tukey=auto: off on a ViT (features can be negative)
     for task in sc.tasks[:2]:
-        learner.before_task(task)
-        learner.train_task(task)
-        learner.after_task(task)
+        run_task(learner, task, reseed=False)
     x, y = learner.ctx.data.features("train", range(4))
     z = F.normalize(x, dim=-1)
     for c in range(4):

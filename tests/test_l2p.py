@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fake_context
 from torch.utils.data import DataLoader
 
 from ptcl.backbones import build_backbone
 from ptcl.config import BackboneConfig, build_config
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.methods.base import LearnerContext
 from ptcl.methods.l2p import L2P, L2PConfig
 
 
@@ -33,8 +33,7 @@ class FakeData:
 def make(**opts) -> L2P:
     torch.manual_seed(0)
     cfg = L2PConfig(**{"epochs": 1, "batch_size": 4, **opts})
-    ctx = LearnerContext(FakeData(), None, torch.device("cpu"), 0, quiet=True)  # type: ignore[arg-type]
-    return L2P(cfg, build_backbone(BackboneConfig(name="vit_tiny_test")), ctx)
+    return L2P(cfg, build_backbone(BackboneConfig(name="vit_tiny_test")), fake_context(FakeData()))
 
 
 def test_defaults_follow_the_official_pytorch_code():

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import make_learner, run_task, tiny_overrides
 from torch.utils.data import DataLoader
 
 import ptcl.methods  # noqa: F401
-from ptcl.backbones import build_backbone
-from ptcl.config import build_config
-from ptcl.data.datasets import load_dataset
-from ptcl.data.features import FeatureCache
-from ptcl.data.scenario import Scenario
-from ptcl.engine.data import DataManager
 from ptcl.engine.evaluate import eval_dataset, predict_seen
-from ptcl.engine.runner import run, seed_everything
-from ptcl.methods.base import LearnerContext
+from ptcl.engine.runner import run
 from ptcl.registry import METHODS
 
 METHOD_NAMES = METHODS.names()
@@ -31,15 +24,7 @@ def fast_options(name: str) -> dict:
 
 
 def make(name: str, tmp_path, **extra):
-    cfg = build_config(None, tiny_overrides(name, **fast_options(name), **extra))
-    seed_everything(cfg.seed)
-    splits = load_dataset(cfg.dataset)
-    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
-    bb = build_backbone(cfg.backbone)
-    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
-                     torch.device("cpu"), 16, 0, True)
-    ctx = LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, quiet=True)
-    return METHODS.get(name)(cfg.method, bb, ctx), sc
+    return make_learner(tmp_path, name, {**fast_options(name), **extra})
 
 
 def batch(learner, seen: int, n: int):
@@ -50,10 +35,7 @@ def batch(learner, seen: int, n: int):
 
 def run_tasks(learner, sc, n: int):
     for task in sc.tasks[:n]:
-        seed_everything(1993 + task.index)
-        learner.before_task(task)
-        learner.train_task(task)
-        learner.after_task(task)
+        run_task(learner, task)
         pred, y = predict_seen(learner, task)
         assert pred.max() < task.end and len(pred) == len(y) == 3 * task.end
 
@@ -63,10 +45,7 @@ def test_head_covers_seen_classes_and_frozen_weights_stay(name, tmp_path):
     learner, sc = make(name, tmp_path)
     frozen = {k: v.clone() for k, v in learner.backbone.state_dict().items()}
     for task in sc.tasks[:2]:
-        seed_everything(1993 + task.index)
-        learner.before_task(task)
-        learner.train_task(task)
-        learner.after_task(task)
+        run_task(learner, task)
         with torch.no_grad():
             assert learner.predict(batch(learner, task.end, 4)).shape == (4, task.end)
     if not learner.updates_backbone:

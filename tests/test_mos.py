@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_overrides
+from helpers import make_learner, run_task
 
-from ptcl.backbones import build_backbone
 from ptcl.config import build_config
-from ptcl.data.datasets import load_dataset
-from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
-from ptcl.engine.data import DataManager
-from ptcl.engine.runner import seed_everything
 from ptcl.errors import ConfigError
-from ptcl.methods.base import LearnerContext
 from ptcl.methods.mos import MOS, adapter_mean, merge_adapter, orth_loss
 
 D = 32  # vit_tiny_test feature dim
@@ -23,21 +17,7 @@ D = 32  # vit_tiny_test feature dim
 
 def make(tmp_path, **extra) -> tuple[MOS, Scenario]:
     opts = {"method.epochs": 2, "method.batch_size": 4, "method.lr": 0.05, "method.ca_epochs": 2, **extra}
-    cfg = build_config(None, tiny_overrides("mos", **opts))
-    seed_everything(cfg.seed)
-    splits = load_dataset(cfg.dataset)
-    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
-    bb = build_backbone(cfg.backbone)
-    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
-                     torch.device("cpu"), 16, 0, True)
-    return MOS(cfg.method, bb, LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, quiet=True)), sc
-
-
-def step(learner: MOS, task) -> None:
-    seed_everything(1993 + task.index)
-    learner.before_task(task)
-    learner.train_task(task)
-    learner.after_task(task)
+    return make_learner(tmp_path, "mos", opts)  # type: ignore[return-value]
 
 
 def test_config_defaults_and_validation():
@@ -68,14 +48,14 @@ def test_adapter_merge_equals_the_formula_on_stored_weights(tmp_path):
 
 def test_training_merges_continues_from_previous_adapter_and_freezes_old(tmp_path, monkeypatch):
     learner, sc = make(tmp_path)
-    step(learner, sc.tasks[0])
+    run_task(learner, sc.tasks[0])
     first = learner.handles[0].state_dict()
     calls = []
     import ptcl.methods.mos as mos
 
     real_merge = mos.merge_adapter
     monkeypatch.setattr(mos, "merge_adapter", lambda h, tgt, m: (calls.append(bool(tgt)), real_merge(h, tgt, m)))
-    step(learner, sc.tasks[1])
+    run_task(learner, sc.tasks[1])
     n_steps = 2 * 3  # 2 epochs x 3 batches (12 images, batch 4)
     assert len(calls) == n_steps and all(calls)  # merged with the old adapter after every step
     assert all(torch.equal(v, first[k]) for k, v in learner.handles[0].state_dict().items())

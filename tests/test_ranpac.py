@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import make_learner, run_task, tiny_overrides
 
 from ptcl.backbones import build_backbone
 from ptcl.config import build_config
-from ptcl.data.datasets import load_dataset
-from ptcl.data.features import FeatureCache
-from ptcl.data.scenario import Scenario
-from ptcl.engine.data import DataManager
-from ptcl.engine.runner import run, seed_everything
+from ptcl.engine.runner import run
 from ptcl.errors import ConfigError
 from ptcl.heads.ridge import (
     RidgeHead,
@@ -21,7 +17,6 @@ from ptcl.heads.ridge import (
     select_ridge,
     solve_ridge,
 )
-from ptcl.methods.base import LearnerContext
 from ptcl.registry import METHODS
 
 LAMBDAS = [10.0**e for e in range(-8, 9)]
@@ -29,14 +24,7 @@ LAMBDAS = [10.0**e for e in range(-8, 9)]
 
 def make(tmp_path, **extra):
     over = {"method.M": 64, "method.epochs": 1, "method.batch_size": 8, **extra}
-    cfg = build_config(None, tiny_overrides("ranpac", **over))
-    seed_everything(cfg.seed)
-    splits = load_dataset(cfg.dataset)
-    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
-    bb = build_backbone(cfg.backbone)
-    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
-                     torch.device("cpu"), 16, 0, True)
-    return METHODS.get("ranpac")(cfg.method, bb, LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, True)), sc
+    return make_learner(tmp_path, "ranpac", over)
 
 
 def direct(h: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
@@ -121,9 +109,7 @@ def test_learner_without_tuning_accumulates_frozen_features(tmp_path):
     other, _ = make(tmp_path, **{"method.tuning": "none"})
     assert torch.equal(learner.head.w_rand, other.head.w_rand)  # seeded by the run seed
     for task in sc.tasks[:2]:
-        learner.before_task(task)
-        learner.train_task(task)
-        learner.after_task(task)
+        run_task(learner, task, reseed=False)
     x, y = learner.ctx.data.features("train", range(4))
     h = torch.relu(x @ learner.head.w_rand)
     torch.testing.assert_close(learner.head.G, h.T @ h, rtol=1e-5, atol=1e-3)

@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from helpers import tiny_overrides
+from helpers import assert_resume_matches_full, tiny_overrides
 
 from ptcl.engine.runner import run
 
@@ -20,13 +20,7 @@ ACC_KEYS = ("accuracy_matrix", "accuracy_per_task", "avg_acc", "last_acc", "forg
 @pytest.mark.parametrize("method", ["simplecil", "finetune"])
 def test_resume_after_task_2_gives_identical_metrics(method, tmp_path):
     over = tiny_overrides(method, **{"method.epochs": 1} if method == "finetune" else {})
-    full = run(None, over, out=tmp_path / "full", quiet=True)
-    part = run(None, over, out=tmp_path / "part", quiet=True, max_tasks=2)
-    assert part["tasks_done"] == 2 and not part["finished"]
-    resumed = run(resume=tmp_path / "part", quiet=True)
-    assert resumed["finished"]
-    for k in ACC_KEYS:
-        assert resumed[k] == full[k], k
+    assert_resume_matches_full(over, tmp_path, ACC_KEYS)
 
 
 def test_killed_run_resumes(tmp_path):

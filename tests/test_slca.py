@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import make_learner, run_task
 
 import ptcl.engine.train as train_mod
 import ptcl.methods.slca as slca_mod
-from ptcl.backbones import build_backbone
 from ptcl.config import build_config
-from ptcl.data.datasets import load_dataset
-from ptcl.data.features import FeatureCache, extract_features
+from ptcl.data.features import extract_features
 from ptcl.data.scenario import Scenario
-from ptcl.engine.data import DataManager
-from ptcl.engine.runner import seed_everything
 from ptcl.errors import ConfigError
-from ptcl.methods.base import LearnerContext
 from ptcl.methods.slca import SLCA, gaussian_stats, sample_gaussians, task_normalised_logits
 
 FAST = {"method.epochs": 1, "method.batch_size": 8, "method.ca_epochs": 2, "method.ca_samples": 16,
@@ -25,20 +20,7 @@ FAST = {"method.epochs": 1, "method.batch_size": 8, "method.ca_epochs": 2, "meth
 
 
 def make(tmp_path, **opts) -> tuple[SLCA, Scenario]:
-    cfg = build_config(None, tiny_overrides("slca", **{**FAST, **opts}))
-    seed_everything(cfg.seed)
-    splits = load_dataset(cfg.dataset)
-    sc = Scenario.build(splits.num_classes, 2, 2, cfg.seed)
-    bb = build_backbone(cfg.backbone)
-    dm = DataManager(splits, sc, {"train": 6, "test": 3}, cfg.seed, bb, FeatureCache(tmp_path / "fc"),
-                     torch.device("cpu"), 16, 0, True)
-    return SLCA(cfg.method, bb, LearnerContext(dm, sc, torch.device("cpu"), cfg.seed, quiet=True)), sc
-
-
-def run_task(learner: SLCA, task) -> None:
-    learner.before_task(task)
-    learner.train_task(task)
-    learner.after_task(task)
+    return make_learner(tmp_path, "slca", {**FAST, **opts})  # type: ignore[return-value]
 
 
 def test_backbone_group_is_slow_and_follows_step_decay(tmp_path, monkeypatch):
@@ -64,16 +46,16 @@ def test_zero_backbone_scale_freezes_backbone(tmp_path):
     learner, sc = make(tmp_path, **{"method.backbone_lr_scale": 0})
     assert not learner.updates_backbone
     before = {k: v.clone() for k, v in learner.backbone.state_dict().items()}
-    run_task(learner, sc.tasks[0])
+    run_task(learner, sc.tasks[0], reseed=False)
     assert all(torch.equal(before[k], v) for k, v in learner.backbone.state_dict().items())
 
 
 def test_old_heads_frozen_and_next_task_starts_before_alignment(tmp_path):
     learner, sc = make(tmp_path)
-    run_task(learner, sc.tasks[0])
+    run_task(learner, sc.tasks[0], reseed=False)
     torch.testing.assert_close(learner.aligned.weight, learner.head.weight, rtol=0, atol=0)  # no CA at task 0
     w0 = learner.head.weight[:2].clone()
-    run_task(learner, sc.tasks[1])
+    run_task(learner, sc.tasks[1], reseed=False)
     torch.testing.assert_close(learner.head.weight[:2], w0, rtol=0, atol=0)
     assert not torch.equal(learner.aligned.weight[:2], w0), "alignment must retune old heads"
     x = torch.stack([learner.ctx.data.images("test", range(4))[i][0] for i in range(3)])
@@ -85,7 +67,7 @@ def test_old_heads_frozen_and_next_task_starts_before_alignment(tmp_path):
 
 def test_class_stats_are_per_class_and_kept(tmp_path):
     learner, sc = make(tmp_path)
-    run_task(learner, sc.tasks[0])
+    run_task(learner, sc.tasks[0], reseed=False)
     data = learner.ctx.data
     ds = data.images("train", sc.tasks[0].classes)
     feats = extract_features(learner.backbone, ds)
@@ -95,7 +77,7 @@ def test_class_stats_are_per_class_and_kept(tmp_path):
         torch.testing.assert_close(learner.class_means[c], mean.float(), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(learner.class_covs[c], cov.float(), rtol=1e-4, atol=1e-5)
     means, covs = learner.class_means.clone(), learner.class_covs.clone()
-    run_task(learner, sc.tasks[1])
+    run_task(learner, sc.tasks[1], reseed=False)
     assert learner.class_means.shape[0] == 4 and learner.class_covs.shape[0] == 4
     torch.testing.assert_close(learner.class_means[:2], means, rtol=0, atol=0)
     torch.testing.assert_close(learner.class_covs[:2], covs, rtol=0, atol=0)

@@ -1,7 +1,7 @@
 """First-session adaptation, shared by APER, RanPAC and FeCAM.
 
 The pre-trained backbone is tuned on the first task only (a PEFT module, or all its
-weights for ``finetune``) with a temporary linear head and cross-entropy, then frozen for
+weights for ``finetune``) with a temporary cosine head and cross-entropy, then frozen for
 the rest of the stream (Zhou et al., IJCV 2024; McDonnell et al., NeurIPS 2023).
 
 * The tuning module is attached in the learner's first ``before_task``, so a resumed run rebuilds
@@ -16,6 +16,7 @@ the rest of the stream (Zhou et al., IJCV 2024; McDonnell et al., NeurIPS 2023).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.heads.linear import CosineHead
+from ptcl.methods.base import Learner
 from ptcl.peft import TuningHandle, attach, mark_only_tuning_trainable
 
 log = logging.getLogger(__name__)
@@ -98,3 +100,41 @@ def adapted_features(learner: nn.Module, backbone: Backbone, split: str) -> torc
     """Features of the whole selected ``split`` under the current (adapted) backbone, cached
     on disk under a hash of its weights."""
     return learner.ctx.data.cached_features(split, backbone, backbone.state_fingerprint())
+
+
+class FirstSessionFeatures(Learner):
+    """First-session tuning shared by RanPAC and FeCAM: the tuning module is attached by the
+    first ``before_task`` (so the frozen-weights snapshot after ``__init__`` excludes it, and
+    a resumed run rebuilds it before loading), trained by the first ``train_task``; then the
+    adapted features are served from the feature cache (and memoised per split)."""
+
+    def _init_tuning(self, cfg: FirstSessionConfig) -> None:
+        if cfg.tuning not in ("none", "finetune", "ssf") and self.backbone.kind != "vit":
+            attach_tuning(self.backbone, cfg)  # raises the ConfigError now, before any task
+        self.handle: TuningHandle | None = None
+        self.updates_backbone = cfg.tuning == "finetune"
+        self._adapted: dict[str, torch.Tensor] = {}
+
+    def _attach(self, task: Task) -> None:
+        if task.is_first:
+            self.handle = attach_tuning(self.backbone, self.cfg)  # type: ignore[arg-type]
+            self.backbone.to(self.device)
+
+    def _tune(self, task: Task) -> None:
+        if task.is_first and self.handle is not None:
+            self.to(self.device)
+            tune_first_session(self, self.backbone, self.handle, task, self.cfg)  # type: ignore[arg-type]
+            self._adapted.clear()
+
+    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.handle is None:
+            return super().features(split, classes)
+        if split not in self._adapted:
+            self._adapted[split] = adapted_features(self, self.backbone, split)
+        data = self.ctx.data
+        pos = torch.from_numpy(data.positions(split, classes))
+        return self._adapted[split][pos], data.labels(split, classes)
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_checkpoint_state(state)
+        self._adapted.clear()

@@ -23,8 +23,8 @@ must then come from the cache (a miss after tuning raises instead of caching wro
 Per-variant defaults (``method.epochs/lr/batch_size/weight_decay`` left unset = ``None``)
 are PILOT's ``exps/aper_*.json`` for CIFAR-100 B0 Inc10 (:data:`VARIANT_DEFAULTS`); the
 ImageNet-R settings (``exps/aper_*_inr.json``) are set explicitly in ``configs/``.
-Deviations: the temporary training head is the shared ``adapt`` linear head (PILOT trains
-a cosine head), and cosine annealing ends at lr 0 (PILOT ``min_lr`` 0 in these exps).
+The temporary training head is a cosine classifier with a learnable scale, as PILOT's
+``CosineLinear``; cosine annealing ends at lr 0 (PILOT ``min_lr`` 0 in these exps).
 """
 
 from __future__ import annotations

@@ -190,17 +190,6 @@ class CodaPrompt(PromptPoolLearner):
             penalty = sum(ortho_penalty(k[j]) + ortho_penalty(a[j]) + ortho_penalty(p[j]) for j in range(p.shape[0]))
         return feats, penalty
 
-    def train_task(self, task: Task) -> None:
-        cfg: CodaPromptConfig = self.cfg  # type: ignore[assignment]
-        self.prepare_task(task)
-        data = self.ctx.data.images_with_features("train", task.classes, train_transform=True)
-        lo = task.start if cfg.train_mask else 0
-
-        def step(x: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-            feats, penalty = self.prompted_features(x[0], x[1], task)
-            logits = self.head(feats)[:, lo : task.end]
-            return F.cross_entropy(logits, y - lo) + cfg.ortho_mu * penalty
-
-        self.to(self.device)
-        losses = self.fit(data, step, self.trainable(), desc=f"task {task.index}", seed=task.index)
-        log.info("coda_prompt task %d: loss %.4f -> %.4f", task.index, losses[0], losses[-1])
+    def aux_loss(self, aux: torch.Tensor) -> torch.Tensor:
+        """The orthogonality penalty, weighted by ``ortho_mu`` (0 in the paper's setting)."""
+        return self.cfg.ortho_mu * aux

@@ -227,10 +227,7 @@ class DAP(PromptPoolLearner):
     def prompted_features(
         self, images: torch.Tensor, query: torch.Tensor, task: Task | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if task is None:
-            idx = self.task_index(query)
-        else:
-            idx = torch.full((query.shape[0],), task.index, dtype=torch.long, device=query.device)
+        idx = self.tasks_of(query, task)
         feats = self.features_for(images, idx, self.trains_down(task))
         return feats, surrogate_pull(query, self.keys, idx[:, None])
 

@@ -119,10 +119,7 @@ class DualPrompt(PromptPoolLearner):
     def prompted_features(
         self, images: torch.Tensor, query: torch.Tensor, task: Task | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if task is None:
-            idx = self.task_index(query)
-        else:
-            idx = torch.full((query.shape[0],), task.index, dtype=torch.long, device=query.device)
+        idx = self.tasks_of(query, task)
         with self.prompting.use(prefixes=self.prefixes(idx)):
             feats = self.backbone(images)
         return feats, self.pool.pull(query, idx[:, None])

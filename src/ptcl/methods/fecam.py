@@ -30,8 +30,7 @@ import torch
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.gaussian import GaussianHead
-from ptcl.methods.adapt import FirstSessionConfig, Tuning
-from ptcl.methods.ranpac import FirstSessionFeatures
+from ptcl.methods.adapt import FirstSessionConfig, FirstSessionFeatures, Tuning
 from ptcl.registry import METHODS
 
 

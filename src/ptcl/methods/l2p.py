@@ -134,6 +134,17 @@ class PromptPoolLearner(Learner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def task_index(self, query: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` inferred task of each query (methods with one prompt set per task)."""
+        raise NotImplementedError(f"{type(self).__name__} does not infer tasks")
+
+    def tasks_of(self, query: torch.Tensor, task: Task | None) -> torch.Tensor:
+        """``(B,)`` task whose prompts each image uses: the training task while training,
+        the task inferred from the query (:meth:`task_index`) at test time."""
+        if task is None:
+            return self.task_index(query)
+        return torch.full((query.shape[0],), task.index, dtype=torch.long, device=query.device)
+
     def prepare_task(self, task: Task) -> None:
         """Called at the start of ``train_task`` (e.g. to initialise the task's prompt)."""
 
@@ -141,19 +152,24 @@ class PromptPoolLearner(Learner):
         """Parameters the optimiser updates (default: all of the learner's own)."""
         return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
 
+    def aux_loss(self, aux: torch.Tensor) -> torch.Tensor:
+        """The term added to the cross-entropy, from the second output of
+        :meth:`prompted_features` (default: minus ``pull_coeff`` times the key-query pull)."""
+        return -self.cfg.pull_coeff * aux
+
     def train_task(self, task: Task) -> None:
-        cfg: PromptPoolConfig = self.cfg  # type: ignore[assignment]
+        cfg = self.cfg
         self.prepare_task(task)
         data = self.ctx.data.images_with_features("train", task.classes, train_transform=True)
         lo = task.start if cfg.train_mask else 0
 
         def step(x: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-            feats, pull = self.prompted_features(x[0], x[1], task)
+            feats, aux = self.prompted_features(x[0], x[1], task)
             logits = self.head(feats)[:, lo : task.end]
-            return F.cross_entropy(logits, y - lo) - cfg.pull_coeff * pull
+            return F.cross_entropy(logits, y - lo) + self.aux_loss(aux)
 
         self.to(self.device)
-        with clipped_gradients(cfg.clip_grad):
+        with clipped_gradients(getattr(cfg, "clip_grad", None)):
             losses = self.fit(data, step, self.trainable(), desc=f"task {task.index}", seed=task.index)
         log.info("%s task %d: loss %.4f -> %.4f", cfg.name, task.index, losses[0], losses[-1])
 

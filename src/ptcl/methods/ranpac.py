@@ -18,14 +18,13 @@ also LAMDA-PILOT ``models/ranpac.py``):
 Defaults: RanPAC ``args/cifar224_publish.csv`` (adapter, 20 epochs, SGD lr 0.01, batch 48,
 weight decay 5e-4, cosine to 0, M = 10000). Deviations: the lambda grid is searched with one
 eigendecomposition instead of one solve per value (same solutions); the final solve switches to
-float64 when ill-conditioned; the first-session head is the shared linear head of :mod:`ptcl.methods.adapt`
-(the official code trains a cosine head there).
+float64 when ill-conditioned. The first-session head is a cosine classifier with a learnable
+scale, as the official ``CosineLinear`` (:mod:`ptcl.methods.adapt`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,15 +33,7 @@ import torch
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.ridge import RidgeHead
-from ptcl.methods.adapt import (
-    FirstSessionConfig,
-    Tuning,
-    adapted_features,
-    attach_tuning,
-    tune_first_session,
-)
-from ptcl.methods.base import Learner
-from ptcl.peft import TuningHandle
+from ptcl.methods.adapt import FirstSessionConfig, FirstSessionFeatures, Tuning
 from ptcl.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -74,44 +65,6 @@ class RanPACConfig(FirstSessionConfig):
     @property
     def lambdas(self) -> list[float]:
         return [10.0**e for e in range(self.lambda_exp_min, self.lambda_exp_max + 1)]
-
-
-class FirstSessionFeatures(Learner):
-    """First-session tuning shared by RanPAC and FeCAM: the tuning module is attached by the
-    first ``before_task`` (so the frozen-weights snapshot after ``__init__`` excludes it, and
-    a resumed run rebuilds it before loading), trained by the first ``train_task``; then the
-    adapted features are served from the feature cache (and memoised per split)."""
-
-    def _init_tuning(self, cfg: FirstSessionConfig) -> None:
-        if cfg.tuning not in ("none", "finetune", "ssf") and self.backbone.kind != "vit":
-            attach_tuning(self.backbone, cfg)  # raises the ConfigError now, before any task
-        self.handle: TuningHandle | None = None
-        self.updates_backbone = cfg.tuning == "finetune"
-        self._adapted: dict[str, torch.Tensor] = {}
-
-    def _attach(self, task: Task) -> None:
-        if task.is_first:
-            self.handle = attach_tuning(self.backbone, self.cfg)  # type: ignore[arg-type]
-            self.backbone.to(self.device)
-
-    def _tune(self, task: Task) -> None:
-        if task.is_first and self.handle is not None:
-            self.to(self.device)
-            tune_first_session(self, self.backbone, self.handle, task, self.cfg)  # type: ignore[arg-type]
-            self._adapted.clear()
-
-    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.handle is None:
-            return super().features(split, classes)
-        if split not in self._adapted:
-            self._adapted[split] = adapted_features(self, self.backbone, split)
-        data = self.ctx.data
-        pos = torch.from_numpy(data.positions(split, classes))
-        return self._adapted[split][pos], data.labels(split, classes)
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_checkpoint_state(state)
-        self._adapted.clear()
 
 
 @METHODS.register("ranpac")
