@@ -3,7 +3,10 @@
 (training -- which for methods that train through the backbone includes their prompted or
 adapted forward/backward passes --, statistics, classifiers, evaluation).
 
-Every method runs with a cold feature cache, so its backbone passes are counted.
+Every method runs with a cold feature cache, so its backbone passes are counted; with
+``--cache DIR`` the runs share that cache instead, so the pre-trained features' pass is paid
+once (by the first run) and ``backbone_s`` counts only the passes a method adds (adapted
+features, re-extraction by an updated backbone).
 
 A method is ``NAME`` or ``NAME:key=value:key=value`` (``method.`` keys), e.g.
 ``aper:tuning=ssf`` or ``ranpac:tuning=none``. ``--rows FILE`` appends each finished row
@@ -48,6 +51,27 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def row_from_run(run_dir: Path) -> dict:
+    """A table row from a finished ``ptcl run`` folder (times as that run measured them)."""
+    from ptcl.config import load_file
+    from ptcl.report.results import read_metrics
+
+    cfg, m = load_file(run_dir / "config.yaml"), read_metrics(run_dir)
+    if not m.get("finished"):
+        raise SystemExit(f"{run_dir} is not a finished run")
+    method = cfg["method"]
+    spec = method["name"] + (f":tuning={method['tuning']}" if "tuning" in method else "")
+    total, feat = m["total_time_s"], m["feature_time_s"]
+    return {
+        "method": spec, "epochs": method.get("epochs"), "avg": m["avg_acc"], "last": m["last_acc"],
+        "total_s": total, "backbone_s": feat, "rest_s": total - feat, "wall_s": None,
+        "acc": m["accuracy_per_task"], "backbone": cfg["backbone"]["name"],
+        "image_size": cfg["backbone"].get("image_size"),
+        "tasks": f"{cfg['scenario']['init_cls']}+{cfg['scenario']['increment']}", "extra": [],
+        "cache": "run", "run": str(run_dir),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", nargs="*", default=[])
@@ -62,9 +86,14 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every method")
     ap.add_argument("--rows", type=Path, default=None, help="JSON-lines file the rows are appended to")
     ap.add_argument("--table", action="store_true", help="only print the table of --rows")
+    ap.add_argument("--from-runs", nargs="*", type=Path, default=[],
+                    help="add rows read from finished run folders (their config.yaml and metrics.json)")
+    ap.add_argument("--cache", type=Path, default=None, help="shared feature cache (default: cold per method)")
     ap.add_argument("--keep-runs", type=Path, default=None, help="keep each run folder under this folder")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger().handlers[0].setLevel(logging.WARNING)  # quiet console ...
+    logging.getLogger("ptcl").setLevel(logging.INFO)  # ... but each run's run.log is complete
     if args.table:
         if args.rows is None or not args.rows.is_file():
             raise SystemExit("--table needs an existing --rows file")
@@ -80,7 +109,7 @@ def main() -> None:
         f"scenario.init_cls={args.init_cls}", f"scenario.increment={args.increment}", "seed=1993",
         *args.set,
     ] + ([f"backbone.image_size={args.image_size}"] if args.image_size else [])
-    rows = []
+    rows = [row_from_run(d) for d in args.from_runs]
     for spec in args.methods:
         over = [*method_overrides(spec), *base]
         name = spec.split(":")[0]
@@ -88,7 +117,7 @@ def main() -> None:
         if args.epochs is not None and has_epochs and ":epochs=" not in spec:
             over.append(f"method.epochs={args.epochs}")
         with tempfile.TemporaryDirectory() as tmp:
-            os.environ["PTCL_CACHE_DIR"] = tmp  # cold cache: every backbone pass is counted
+            os.environ["PTCL_CACHE_DIR"] = str(args.cache or tmp)  # default cold: every pass counted
             out = args.keep_runs / spec.replace(":", "_").replace("=", "-") if args.keep_runs else Path(tmp) / "run"
             t0 = time.perf_counter()
             m = run(None, over, out=out, quiet=True)
@@ -100,11 +129,12 @@ def main() -> None:
             "total_s": total, "backbone_s": feat, "rest_s": total - feat, "wall_s": wall,
             "acc": m["accuracy_per_task"], "backbone": args.backbone, "image_size": args.image_size,
             "tasks": f"{args.init_cls}+{args.increment}", "extra": args.set,
+            "cache": "shared" if args.cache else "cold",
         }
         rows.append(row)
-        if args.rows is not None:
-            with args.rows.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    if args.rows is not None:
+        with args.rows.open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"backbone={args.backbone} size={args.image_size or 'default'} tasks={args.init_cls}+{args.increment}.. "  # noqa: T201
           f"epochs={args.epochs} extra={args.set}")
     if args.rows is not None and args.rows.is_file():

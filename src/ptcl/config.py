@@ -46,10 +46,13 @@ class TrainConfig(MethodConfig):
     momentum: float = 0.9
     weight_decay: float = 0.0
     scheduler: Literal["cosine", "constant"] = "cosine"
+    clip_grad: float | None = None  # max global gradient norm of every step; null: no clipping
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(self, "epochs", "lr", "batch_size")
+        if self.clip_grad is not None:
+            _positive(self, "clip_grad")
 
 
 def _positive(cfg: Any, *names: str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import clip_grad_norm_
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
@@ -75,12 +76,14 @@ def fit(
             loss = step(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad is not None:
+                clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
             opt.step()
             total += float(loss.detach()) * len(y)
             n += len(y)
         sched.step()
         losses.append(total / max(n, 1))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        log.debug("%s epoch %d/%d loss %.4f", desc, epoch + 1, epochs, losses[-1])
+        log.info("%s epoch %d/%d loss %.4f", desc, epoch + 1, epochs, losses[-1])
     module.eval()
     return losses

@@ -37,14 +37,11 @@ restores the official behaviour (training and test). The JAX CIFAR config uses
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
@@ -74,29 +71,8 @@ class PromptPoolConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.clip_grad is not None:
-            _positive(self, "clip_grad")
         if self.pull_coeff < 0:
             raise ConfigError(f"method.pull_coeff must be >= 0, got {self.pull_coeff}")
-
-
-@contextmanager
-def clipped_gradients(max_norm: float | None) -> Iterator[None]:
-    """Clip the global gradient norm of every optimiser step taken inside the block
-    (the engine's ``fit`` has no clipping option; this adds it without a second loop)."""
-    if max_norm is None:
-        yield
-        return
-
-    def clip(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    handle = register_optimizer_step_pre_hook(clip)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class PromptPoolLearner(Learner):
@@ -169,8 +145,7 @@ class PromptPoolLearner(Learner):
             return F.cross_entropy(logits, y - lo) + self.aux_loss(aux)
 
         self.to(self.device)
-        with clipped_gradients(getattr(cfg, "clip_grad", None)):
-            losses = self.fit(data, step, self.trainable(), desc=f"task {task.index}", seed=task.index)
+        losses = self.fit(data, step, self.trainable(), desc=f"task {task.index}", seed=task.index)
         log.info("%s task %d: loss %.4f -> %.4f", cfg.name, task.index, losses[0], losses[-1])
 
     def predict(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
