@@ -1,7 +1,7 @@
 """What the cached query saves the prompt-pool methods: one training step, two ways.
 
-L2P / DualPrompt match a query -- the frozen pre-trained CLS feature of the image -- to
-prompt keys. ptcl reads it from the feature cache (``input_kind = "images+features"``);
+L2P, DualPrompt, CODA-Prompt and DAP match a query -- the frozen pre-trained CLS feature
+of the image -- to prompt keys (CODA weights its components by it). ptcl reads it from the feature cache (``input_kind = "images+features"``);
 the official code computes it with an extra no-grad forward pass of the frozen ViT in
 every step. This times one training step (prompted forward + backward + Adam step) of
 each method with the query given vs. computed by that extra pass, and prints a table.
@@ -63,11 +63,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
-    for name in ("l2p", "dualprompt"):
+    for name in ("l2p", "dualprompt", "coda_prompt", "dap"):
         cfg = build_config({"method": {"name": name}}).method
         bb = build_backbone(BackboneConfig(name=args.backbone, image_size=args.size))
         learner = METHODS.get(name)(cfg, bb, None)
         learner.before_task(Task(0, 0, 2, 1))
+        learner.prepare_task(Task(0, 0, 2, 1))
         images = torch.randn(cfg.batch_size, 3, args.size, args.size)
         with torch.no_grad():
             query = bb(images)
