@@ -9,7 +9,8 @@ in APER, ``exps/adam_vpt_deep.json``; ``deep: false`` gives VPT-shallow) and a g
 linear head are trained on each new task's data only, with cross-entropy over all classes
 seen so far; nothing protects old tasks, so the shared prompts and head drift and the
 method forgets. The optimiser follows the same PILOT file (SGD, lr 0.01, momentum 0.9,
-batch 48, weight decay 5e-4, cosine schedule, 20 epochs), re-created every task.
+batch 48, weight decay 5e-4, cosine schedule, 20 epochs), re-created every task, with
+gradient clipping at global norm 1.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class VPTSeqConfig(TrainConfig):
     weight_decay: float = 5e-4
     num_prompts: int = 5
     deep: bool = True
+    # Global-norm clipping at 1 (ViT fine-tuning practice): without it the linear head on
+    # DINOv2 ViT-S/14 features (norm ~42) overshoots, task-0 loss 2.54 -> 1.98 over two
+    # epochs (above ln 4); with it 1.36 -> 1.05 and 65% after 5 epochs.
+    clip_grad: float | None = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
