@@ -41,12 +41,12 @@ def method_overrides(spec: str) -> list[str]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'method':<28} {'epochs':>6} {'avg':>6} {'last':>6} {'total_s':>8} {'backbone_s':>10} {'rest_s':>8}"
+    head = f"{'method':<36} {'epochs':>6} {'avg':>6} {'last':>6} {'total_s':>8} {'backbone_s':>10} {'rest_s':>8}"
     print(head)  # noqa: T201
     print("-" * len(head))  # noqa: T201
     for r in rows:
         print(  # noqa: T201
-            f"{r['method']:<28} {r['epochs'] or '-':>6} {r['avg']:6.2f} {r['last']:6.2f} "
+            f"{r['method']:<36} {r['epochs'] or '-':>6} {r['avg']:6.2f} {r['last']:6.2f} "
             f"{r['total_s']:8.1f} {r['backbone_s']:10.1f} {r['rest_s']:8.1f}"
         )
 
@@ -122,7 +122,8 @@ def main() -> None:
             t0 = time.perf_counter()
             m = run(None, over, out=out, quiet=True)
             wall = time.perf_counter() - t0
-        epochs = getattr(build_config(None, over).method, "epochs", None)
+        mcfg = build_config(None, over).method
+        epochs = None if getattr(mcfg, "tuning", None) == "none" else getattr(mcfg, "epochs", None)
         total, feat = m["total_time_s"], m["feature_time_s"]
         row = {
             "method": spec, "epochs": epochs, "avg": m["avg_acc"], "last": m["last_acc"],
