@@ -28,7 +28,7 @@ from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.heads.linear import CosineHead
-from ptcl.methods.base import Learner
+from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach, mark_only_tuning_trainable
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,8 @@ def attach_tuning(backbone: Backbone, cfg: FirstSessionConfig) -> TuningHandle |
     """Attach ``cfg.tuning`` to the backbone (``none``: nothing)."""
     if cfg.tuning == "none":
         return None
-    if cfg.tuning != "finetune" and backbone.kind != "vit" and cfg.tuning != "ssf":
-        from ptcl.errors import ConfigError
-
-        raise ConfigError(
-            f"method.tuning={cfg.tuning} needs a ViT backbone; {backbone.name} is a CNN "
-            f"(use method.tuning=ssf, finetune or none)"
-        )
+    if cfg.tuning not in ("finetune", "ssf"):
+        require_vit(backbone, f"method.tuning={cfg.tuning}", " (use method.tuning=ssf, finetune or none)")
     handle = attach(backbone.model, cfg.tuning, **cfg.tuning_options)
     backbone.requires_grad_(False)
     return handle

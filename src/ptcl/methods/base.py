@@ -34,6 +34,13 @@ from ptcl.config import MethodConfig, TrainConfig
 from ptcl.data.scenario import Scenario, Task
 from ptcl.engine.data import DataManager
 from ptcl.engine.train import fit
+from ptcl.errors import ConfigError
+
+
+def require_vit(backbone: Backbone, what: str, hint: str = "") -> None:
+    """Raise a :class:`ConfigError` unless ``backbone`` is a ViT; ``what`` names who needs it."""
+    if backbone.kind != "vit":
+        raise ConfigError(f"{what} needs a ViT backbone; {backbone.name} is a CNN{hint}")
 
 
 @dataclass

@@ -48,7 +48,7 @@ from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.linear import CosineHead
-from ptcl.methods.base import Learner
+from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
 
@@ -116,8 +116,7 @@ class SubspaceMixin:
         return feats, self.ctx.data.labels(split, classes)
 
     def add_adapter_set(self, task: Task, bottleneck: int) -> None:
-        if self.backbone.kind != "vit":
-            raise ConfigError(f"{type(self).__name__} needs a ViT backbone; {self.backbone.name} is a CNN")
+        require_vit(self.backbone, type(self).__name__)
         h = attach(self.backbone.model, "adapter", name=f"task{task.index}", bottleneck=bottleneck)
         h.module.requires_grad_(False)
         self.handles.append(h)

@@ -47,7 +47,7 @@ from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import Learner
+from ptcl.methods.base import Learner, require_vit
 from ptcl.peft.prompting import PromptInjector, PromptPool, attach_prompting
 from ptcl.registry import METHODS
 
@@ -91,8 +91,7 @@ class PromptPoolLearner(Learner):
 
     def __init__(self, cfg: PromptPoolConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
-        if backbone.kind != "vit":
-            raise ConfigError(f"method {cfg.name} needs a ViT backbone; {backbone.name} is a CNN")
+        require_vit(backbone, f"method {cfg.name}")
         attach_prompting(backbone.model)
         self.head = IncrementalLinear(backbone.feature_dim)
         self.register_buffer("seen_tasks", torch.tensor(0))

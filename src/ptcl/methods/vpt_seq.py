@@ -22,9 +22,8 @@ import torch.nn.functional as F
 
 from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
-from ptcl.errors import ConfigError
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import Learner
+from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
 
@@ -55,8 +54,7 @@ class VPTSeq(Learner):
 
     def __init__(self, cfg: VPTSeqConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
-        if backbone.kind != "vit":
-            raise ConfigError(f"vpt_seq needs a ViT backbone; {backbone.name} is a CNN")
+        require_vit(backbone, "vpt_seq")
         self.vpt: TuningHandle | None = None  # attached by the first before_task
         self.head = IncrementalLinear(backbone.feature_dim)
 
