@@ -139,3 +139,44 @@ def test_finetune_never_caches_finetuned_features_as_pretrained(tmp_path):
     run(None, over, out=tmp_path / "part", quiet=True, max_tasks=2)
     with pytest.raises(RuntimeError, match="pre-trained features are not in the feature cache"):
         run(resume=tmp_path / "part", quiet=True, cache=FeatureCache(tmp_path / "empty"))
+
+
+def test_head_scale_is_the_temporary_heads_initial_scale(tmp_path, monkeypatch):
+    import ptcl.methods.adapt as adapt
+
+    seen: list[float] = []
+    real = adapt.temporary_head
+
+    def spy(dim: int, n: int, scale: float):
+        head = real(dim, n, scale)
+        seen.append(head.sigma.item())
+        assert head.sigma.requires_grad and head.out_features == n
+        return head
+
+    monkeypatch.setattr(adapt, "temporary_head", spy)
+    learner, sc = make(tmp_path, **{"method.head_scale": 7.0})
+    run_task(learner, sc.tasks[0])
+    assert seen == [7.0]
+    assert build_config(None, ["method.name=aper"]).method.head_scale == 1.0  # the official init
+    with pytest.raises(ConfigError, match="head_scale"):
+        build_config(None, ["method.name=aper", "method.head_scale=0"])
+
+
+def test_feature_gradient_of_the_cosine_head_grows_with_its_scale():
+    """The mechanism ``head_scale`` addresses: through ``sigma * cos(f, w)`` the gradient
+    reaching a large-norm feature is about ``sigma / ||f||``."""
+    from ptcl.methods.adapt import temporary_head
+
+    torch.manual_seed(0)
+    f = torch.randn(64, D)
+    f = 42 * f / f.norm(dim=1, keepdim=True)
+    y = torch.randint(0, 4, (64,))
+    norms = {}
+    for scale in (1.0, 16.0):
+        torch.manual_seed(1)
+        head = temporary_head(D, 4, scale)
+        x = f.clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(head(x), y).backward()
+        norms[scale] = x.grad.norm().item()
+    assert norms[1.0] < 1 / 42  # the official init barely reaches the features
+    assert norms[16.0] > 8 * norms[1.0]

@@ -138,3 +138,17 @@ def test_predict_is_the_reweighted_per_subspace_cosine(tmp_path):
                 cos = float(torch.cosine_similarity(x[b, s * D : (s + 1) * D], learner.protos[c, s], dim=0))
                 want += cos * (1.0 if s == c // 2 else alpha / 2)
             assert logits[b, c].item() == pytest.approx(want, abs=1e-5)
+
+
+def test_head_scale_option(tmp_path, monkeypatch):
+    import ptcl.methods.ease as ease
+
+    seen: list[float] = []
+    real = ease.temporary_head
+    monkeypatch.setattr(ease, "temporary_head", lambda d, n, s: seen.append(s) or real(d, n, s))
+    learner, sc = make(tmp_path, **{"method.head_scale": 5.0})
+    run_task(learner, sc.tasks[0])
+    assert seen == [5.0]
+    assert build_config(None, ["method.name=ease"]).method.head_scale == 1.0
+    with pytest.raises(ConfigError, match="head_scale"):
+        build_config(None, ["method.name=ease", "method.head_scale=-2"])

@@ -27,6 +27,7 @@ from torch import nn
 from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
+from ptcl.errors import ConfigError
 from ptcl.heads.linear import CosineHead
 from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach, mark_only_tuning_trainable
@@ -39,7 +40,10 @@ Tuning = Literal["none", "finetune", "adapter", "ssf", "vpt_shallow", "vpt_deep"
 @dataclass
 class FirstSessionConfig(TrainConfig):
     """Options of first-session tuning (LAMDA-PILOT's APER defaults: 20 epochs, SGD,
-    lr 0.01, batch 48, weight decay 5e-4, cosine; adapter bottleneck 64; 5 VPT tokens)."""
+    lr 0.01, batch 48, weight decay 5e-4, cosine; adapter bottleneck 64; 5 VPT tokens).
+
+    ``head_scale`` is the initial scale ``sigma`` of the temporary cosine head (learnable;
+    the official code starts it at 1). See :func:`temporary_head` for when to raise it."""
 
     tuning: Tuning = "adapter"
     epochs: int = 20
@@ -47,6 +51,30 @@ class FirstSessionConfig(TrainConfig):
     batch_size: int = 48
     weight_decay: float = 5e-4
     tuning_options: dict[str, Any] = field(default_factory=dict)
+    head_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_head_scale(self.head_scale)
+
+
+def check_head_scale(value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"method.head_scale must be > 0, got {value!r}")
+
+
+def temporary_head(dim: int, num_classes: int, scale: float) -> CosineHead:
+    """The cosine head (learnable scale, initialised to ``scale``) that trains a tuning module.
+
+    The gradient that reaches the features through ``sigma * cos(f, w)`` is proportional to
+    ``sigma / ||f||``. At the official ``sigma = 1`` a backbone with large feature norms (the
+    DINOv2 ViT-S/14: ``||f|| ~ 42``) barely moves within a short schedule, while the learnable
+    ``sigma`` grows by about ``lr`` per step; ``head_scale`` of the order of ``||f|| / 3``
+    gives such a backbone the gradient scale a linear head would have.
+    """
+    head = CosineHead(dim, sigma=scale, learn_sigma=True)
+    head.grow(num_classes)
+    return head
 
 
 def attach_tuning(backbone: Backbone, cfg: FirstSessionConfig) -> TuningHandle | None:
@@ -65,14 +93,12 @@ def tune_first_session(
 ) -> list[float]:
     """Train the tuning module (+ a temporary head) on ``task``'s images, then freeze.
 
-    The temporary head is a cosine classifier with a learnable scale (initialised to 1), as
-    LAMDA-PILOT's and RanPAC's ``CosineLinear`` in the first session.
+    The temporary head is a cosine classifier with a learnable scale (initialised to
+    ``cfg.head_scale``, 1 as LAMDA-PILOT's and RanPAC's ``CosineLinear``).
     """
     if handle is None:
         return []
-    head = CosineHead(backbone.feature_dim, sigma=1.0, learn_sigma=True)
-    head.grow(task.num_new)
-    head.to(learner.device)
+    head = temporary_head(backbone.feature_dim, task.num_new, cfg.head_scale).to(learner.device)
     if handle.module.trains_backbone:
         backbone.requires_grad_(True)
     else:

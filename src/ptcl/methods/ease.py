@@ -47,7 +47,7 @@ from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.heads.linear import CosineHead
+from ptcl.methods.adapt import check_head_scale, temporary_head
 from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
@@ -140,7 +140,8 @@ def complement(old_i: torch.Tensor, ref_i: torch.Tensor, ref_d: torch.Tensor) ->
 class EASEConfig(TrainConfig):
     """Official defaults (CVPR24-Ease ``exps/ease_cifar_in21k.json``): 20 epochs per task,
     SGD lr 0.025, momentum 0.9, batch 48, weight decay 5e-4, cosine; ``ffn_num=64``;
-    ``alpha=0.1``; ``recalc_sim=true``."""
+    ``alpha=0.1``; ``recalc_sim=true``. ``head_scale``: initial scale of each task's
+    temporary cosine head (official: 1; see :func:`ptcl.methods.adapt.temporary_head`)."""
 
     name: str = "ease"
     epochs: int = 20
@@ -150,9 +151,11 @@ class EASEConfig(TrainConfig):
     bottleneck: int = 64
     alpha: float = 0.1
     recalc_sim: bool = True
+    head_scale: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_head_scale(self.head_scale)
         if self.bottleneck <= 0:
             raise ConfigError(f"method.bottleneck must be > 0, got {self.bottleneck}")
         if self.alpha < 0:
@@ -185,8 +188,7 @@ class EASE(SubspaceMixin, Learner):
         t = task.index
         h = self.handles[t]
         h.module.requires_grad_(True)
-        head = CosineHead(self.dim, sigma=1.0, learn_sigma=True)
-        head.grow(task.num_new)
+        head = temporary_head(self.dim, task.num_new, self.cfg.head_scale)
         self.to(self.device)
         head.to(self.device)
         data = self.ctx.data.images("train", task.classes, train_transform=True)
