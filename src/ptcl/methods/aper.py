@@ -24,7 +24,10 @@ Per-variant defaults (``method.epochs/lr/batch_size/weight_decay`` left unset = 
 are PILOT's ``exps/aper_*.json`` for CIFAR-100 B0 Inc10 (:data:`VARIANT_DEFAULTS`); the
 ImageNet-R settings (``exps/aper_*_inr.json``) are set explicitly in ``configs/``.
 The temporary training head is a cosine classifier with a learnable scale, as PILOT's
-``CosineLinear``; cosine annealing ends at lr 0 (PILOT ``min_lr`` 0 in these exps).
+``CosineLinear`` (initial scale ``method.head_scale``, PILOT's 1 by default; a backbone
+with large feature norms such as the DINOv2 ViT-S/14 needs about 16, see
+:func:`ptcl.methods.adapt.temporary_head`); cosine annealing ends at lr 0 (PILOT
+``min_lr`` 0 in these exps).
 """
 
 from __future__ import annotations

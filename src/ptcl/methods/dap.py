@@ -36,7 +36,10 @@ searches all 10 keys; here it is per image among the seen tasks' keys
 state live across all tasks; the engine re-creates it per task. The classifier is the
 toolbox's growing linear head (official: one 100-way head with kaiming-normal fan-out
 weights and a constant bias). The query is the cached feature of the un-augmented image
-(see :mod:`ptcl.methods.l2p`).
+(see :mod:`ptcl.methods.l2p`). No dropout, as in the official model: its configs set
+``MODEL.DAP.DROPOUT`` and ``MODEL.LINEAR.DROPOUT``, but ``vit_dap/vit.py`` never reads the
+first, the head ``MLP`` with ``MLP_NUM = 0`` has no hidden layer for the second to apply
+to, and the encoder is kept in eval mode.
 """
 
 from __future__ import annotations
