@@ -21,3 +21,12 @@ def test_every_method_has_published_settings():
     for method in METHODS.names():
         for setting in ("cifar100_b0inc10", "imagenetr_b0inc20"):
             assert f"{method}_{setting}.yaml" in names, (method, setting)
+
+
+def test_every_aper_variant_has_published_settings():
+    names = {p.name for p in CONFIGS}
+    for variant in ("ssf", "vpt_shallow", "vpt_deep", "finetune"):
+        for setting in ("cifar100_b0inc10", "imagenetr_b0inc20"):
+            path = f"aper_{variant}_{setting}.yaml"
+            assert path in names, path
+            assert build_config(load_file(CONFIGS[0].parent / path)).method.tuning == variant
