@@ -67,10 +67,14 @@ def temporary_head(dim: int, num_classes: int, scale: float) -> CosineHead:
     """The cosine head (learnable scale, initialised to ``scale``) that trains a tuning module.
 
     The gradient that reaches the features through ``sigma * cos(f, w)`` is proportional to
-    ``sigma / ||f||``. At the official ``sigma = 1`` a backbone with large feature norms (the
-    DINOv2 ViT-S/14: ``||f|| ~ 42``) barely moves within a short schedule, while the learnable
-    ``sigma`` grows by about ``lr`` per step; ``head_scale`` of the order of ``||f|| / 3``
-    gives such a backbone the gradient scale a linear head would have.
+    ``sigma / ||f||``, and the learnable ``sigma`` itself moves by at most about ``2 lr`` per
+    step (before momentum). At the official ``sigma = 1``, a backbone with large feature
+    norms (the DINOv2 ViT-S/14 at 112 px: ``||f|| ~ 42``) barely moves in a short schedule:
+    APER's first-task loss went 1.385 -> 1.364 in 85 steps on 4 classes. A
+    default-initialised linear head passes the features a gradient of scale
+    ``||w|| ~ 1/sqrt(3)``, which the cosine head matches at ``sigma ~ 0.6 ||f||``;
+    ``head_scale=16`` (loss 1.42 -> 0.86 in 170 steps) is what the measured DINOv2 results
+    in the README use.
     """
     head = CosineHead(dim, sigma=scale, learn_sigma=True)
     head.grow(num_classes)
