@@ -57,7 +57,7 @@ class TrainConfig(MethodConfig):
 
 def _positive(cfg: Any, *names: str) -> None:
     for n in names:
-        if getattr(cfg, n) <= 0:
+        if not getattr(cfg, n) > 0:  # also rejects NaN
             raise ConfigError(f"method.{n} must be > 0, got {getattr(cfg, n)!r}")
 
 

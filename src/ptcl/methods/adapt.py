@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptcl.backbones.base import Backbone
-from ptcl.config import TrainConfig
+from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
-from ptcl.errors import ConfigError
 from ptcl.heads.linear import CosineHead
 from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach, mark_only_tuning_trainable
@@ -55,12 +54,7 @@ class FirstSessionConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_head_scale(self.head_scale)
-
-
-def check_head_scale(value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"method.head_scale must be > 0, got {value!r}")
+        _positive(self, "head_scale")
 
 
 def temporary_head(dim: int, num_classes: int, scale: float) -> CosineHead:
@@ -81,12 +75,17 @@ def temporary_head(dim: int, num_classes: int, scale: float) -> CosineHead:
     return head
 
 
+def check_tuning(backbone: Backbone, cfg: FirstSessionConfig) -> None:
+    """Raise the :class:`ConfigError` of a ViT-only ``cfg.tuning`` on a CNN backbone."""
+    if cfg.tuning not in ("none", "finetune", "ssf"):
+        require_vit(backbone, f"method.tuning={cfg.tuning}", " (use method.tuning=ssf, finetune or none)")
+
+
 def attach_tuning(backbone: Backbone, cfg: FirstSessionConfig) -> TuningHandle | None:
     """Attach ``cfg.tuning`` to the backbone (``none``: nothing)."""
+    check_tuning(backbone, cfg)
     if cfg.tuning == "none":
         return None
-    if cfg.tuning not in ("finetune", "ssf"):
-        require_vit(backbone, f"method.tuning={cfg.tuning}", " (use method.tuning=ssf, finetune or none)")
     handle = attach(backbone.model, cfg.tuning, **cfg.tuning_options)
     backbone.requires_grad_(False)
     return handle
@@ -134,8 +133,7 @@ class FirstSessionFeatures(Learner):
     adapted features are served from the feature cache (and memoised per split)."""
 
     def _init_tuning(self, cfg: FirstSessionConfig) -> None:
-        if cfg.tuning not in ("none", "finetune", "ssf") and self.backbone.kind != "vit":
-            attach_tuning(self.backbone, cfg)  # raises the ConfigError now, before any task
+        check_tuning(self.backbone, cfg)  # a bad tuning/backbone pair fails now, before any task
         self.handle: TuningHandle | None = None
         self.updates_backbone = cfg.tuning == "finetune"
         self._adapted: dict[str, torch.Tensor] = {}

@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptcl.backbones.base import Backbone
-from ptcl.config import TrainConfig
+from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.methods.adapt import check_head_scale, temporary_head
+from ptcl.methods.adapt import temporary_head
 from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
@@ -155,7 +155,7 @@ class EASEConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_head_scale(self.head_scale)
+        _positive(self, "head_scale")
         if self.bottleneck <= 0:
             raise ConfigError(f"method.bottleneck must be > 0, got {self.bottleneck}")
         if self.alpha < 0:
