@@ -1,19 +1,34 @@
 """Typed run configuration: dataclasses, YAML/JSON loading and ``key=value`` overrides.
 
 A run config has the sections ``method``, ``backbone``, ``dataset``, ``scenario`` and the
-top-level keys ``seed``, ``device``, ``eval_batch_size``, ``num_workers``. The ``method``
-section is parsed into the registered method's own config dataclass, so
-``method.epochs=3`` is checked against that method's options. Unknown keys and values of
-the wrong type raise :class:`ConfigError` naming the key and listing the valid ones.
+top-level keys ``seed``, ``device``, ``eval_batch_size``, ``num_workers``,
+``keep_all_checkpoints``. The ``method`` section is parsed into the registered method's own
+config dataclass, so ``method.epochs=3`` is checked against that method's options.
+
+Every value is checked here, before a run starts: unknown keys, values of the wrong type or
+shape, out-of-range numbers and non-finite floats raise :class:`ConfigError` naming the key,
+the bad value and what is valid. Rules shared by every section:
+
+* numbers are read as YAML 1.2 writes them (``1e-3``, ``5E-4``, ``1.0e30``, ``-2e+3``,
+  ``.5``, ``1_000.5``); an int option takes an integral number (``1e3`` -> 1000, not
+  ``2.5``); a float option must be finite (no ``.nan``, ``.inf``);
+* fields marked ``metadata={"path": True}`` (:data:`PATH`: ``dataset.root``,
+  ``backbone.weights``) are paths: ``~`` is expanded, a relative path from a config file
+  is relative to that file's folder, one from an override or a Python dict to the current
+  directory, and the :class:`RunConfig` holds it absolute (so the saved config is
+  independent of the directory a run or ``--resume`` starts from).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -23,21 +38,120 @@ import yaml
 from ptcl.errors import ConfigError
 
 SECTIONS = ("method", "backbone", "dataset", "scenario")
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+_EXACT_INT = 2**53  # larger floats are not exact integers
+
+PATH: dict[str, Any] = {"path": True}
+"""Field metadata of a path-valued option (see the module docstring). A subclass that
+re-declares such a field must repeat ``metadata=PATH``."""
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _key(section: str, name: str) -> str:
+    return f"{section}.{name}" if section else name
+
+
+def _positive(cfg: Any, *names: str, section: str = "method") -> None:
+    """Each of ``names`` must be ``> 0`` (NaN fails too)."""
+    for n in names:
+        if not getattr(cfg, n) > 0:  # also rejects NaN
+            raise ConfigError(f"{_key(section, n)} must be > 0, got {getattr(cfg, n)!r}")
+
+
+def _at_least(cfg: Any, section: str, lo: float, *names: str, optional: bool = False) -> None:
+    """Each of ``names`` must be ``>= lo`` (or ``None`` when ``optional``)."""
+    for n in names:
+        v = getattr(cfg, n)
+        if optional and v is None:
+            continue
+        if not (isinstance(v, (int, float)) and v >= lo):
+            null = " or null" if optional else ""
+            raise ConfigError(f"{_key(section, n)} must be >= {lo}{null}, got {v!r}")
+
+
+def _seed(cfg: Any, section: str, *names: str) -> None:
+    """Each of ``names`` must be a seed in ``[0, 2**32 - 1]``."""
+    for n in names:
+        v = getattr(cfg, n)
+        if not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEED_MAX):
+            raise ConfigError(f"{_key(section, n)} must be an integer in [0, 2**32 - 1 = {SEED_MAX}], got {v!r}")
+
+
+def _named(cfg: Any, section: str) -> None:
+    """``name`` must be a non-empty string."""
+    if not (isinstance(cfg.name, str) and cfg.name.strip()):
+        raise ConfigError(f"{section}.name must be a non-empty name, got {cfg.name!r}")
+
+
+def _finite(value: Any, key: str) -> None:
+    """Every float in ``value`` (nested in lists and mappings too) must be finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _finite(v, key)
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _finite(v, f"{key}.{k}")
+
+
+def is_path_field(f: dataclasses.Field) -> bool:
+    """Whether a dataclass field holds a path (``metadata=PATH``)."""
+    return bool(f.metadata.get("path"))
+
+
+def absolute_path(value: Any, base: str | os.PathLike | None, key: str) -> str:
+    """``value`` (a path) with ``~`` expanded, relative to ``base`` (default: the current
+    directory), absolute and normalised. Raises :class:`ConfigError` for an empty or
+    non-path value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a folder named by a number
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be a path (or null for none), got {value!r}")
+    p = os.path.expanduser(value)
+    if base is not None and not os.path.isabs(p):
+        p = os.path.join(os.path.expanduser(os.fspath(base)), p)
+    return os.path.abspath(p)
+
+
+def _check_common(cfg: Any, section: str) -> None:
+    """Checks every config dataclass shares: finite floats, absolute paths."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        _finite(v, _key(section, f.name))
+        if is_path_field(f) and v is not None:
+            setattr(cfg, f.name, absolute_path(v, None, _key(section, f.name)))
+
+
+# --------------------------------------------------------------------------- sections
 
 
 @dataclass
 class MethodConfig:
-    """Base of every method's config; subclasses add the paper's options and defaults."""
+    """Base of every method's config; subclasses add the paper's options and defaults.
+
+    ``__post_init__`` checks what every method shares (finite floats, absolute paths);
+    a subclass calls it first, then checks its own options."""
 
     name: str = "simplecil"
 
     def __post_init__(self) -> None:
-        pass
+        _named(self, "method")
+        _check_common(self, "method")
 
 
 @dataclass
 class TrainConfig(MethodConfig):
-    """Options shared by methods that train with SGD-style optimisers."""
+    """Options shared by methods that train with SGD-style optimisers.
+
+    ``epochs``, ``lr``, ``batch_size`` > 0; ``momentum`` in [0, 1) (SGD only);
+    ``weight_decay`` >= 0; ``clip_grad`` > 0 or null."""
 
     epochs: int = 10
     lr: float = 0.01
@@ -51,58 +165,75 @@ class TrainConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive(self, "epochs", "lr", "batch_size")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"method.momentum must be in [0, 1), got {self.momentum!r}")
+        _at_least(self, "method", 0, "weight_decay")
         if self.clip_grad is not None:
             _positive(self, "clip_grad")
 
 
-def _positive(cfg: Any, *names: str) -> None:
-    for n in names:
-        if not getattr(cfg, n) > 0:  # also rejects NaN
-            raise ConfigError(f"method.{n} must be > 0, got {getattr(cfg, n)!r}")
-
-
 @dataclass
 class BackboneConfig:
-    """Which pre-trained model extracts features. Any timm model name works too."""
+    """Which pre-trained model extracts features. Any timm model name works too.
+
+    ``image_size``: input side in pixels (>= 8; null: the backbone's own). ``weights``: a
+    local checkpoint (.safetensors, or .pth read ``weights_only``), a path."""
 
     name: str = "efficientnet_lite0"
     pretrained: bool = True
     image_size: int | None = None  # None: the backbone's own input size
-    weights: str | None = None  # local checkpoint (.safetensors, or .pth read weights_only)
+    weights: str | None = field(default=None, metadata=PATH)
 
     def __post_init__(self) -> None:
-        if self.image_size is not None and self.image_size < 8:
-            raise ConfigError(f"backbone.image_size must be >= 8, got {self.image_size}")
+        _named(self, "backbone")
+        _check_common(self, "backbone")
+        _at_least(self, "backbone", 8, "image_size", optional=True)
 
 
 @dataclass
 class DatasetConfig:
-    """Which dataset, where it lives, and optional per-class subsetting for quick runs."""
+    """Which dataset, where it lives, and optional per-class subsetting for quick runs.
+
+    ``root``: the dataset's folder or archive (a path; null: the dataset's default).
+    ``train_per_class`` / ``test_per_class``: keep this many images of each class (>= 1;
+    null: all), drawn with ``subset_seed`` (an integer in [0, 2**32 - 1]; 1993 as the
+    class order), so the subset does not change with the run's ``seed``."""
 
     name: str = "mnist_demo"
-    root: str | None = None
+    root: str | None = field(default=None, metadata=PATH)
     train_per_class: int | None = None
     test_per_class: int | None = None
+    subset_seed: int = 1993
     download: bool = True
 
     def __post_init__(self) -> None:
-        for n in ("train_per_class", "test_per_class"):
-            v = getattr(self, n)
-            if v is not None and v <= 0:
-                raise ConfigError(f"dataset.{n} must be a positive integer or null, got {v}")
+        _named(self, "dataset")
+        _check_common(self, "dataset")
+        _at_least(self, "dataset", 1, "train_per_class", "test_per_class", optional=True)
+        _seed(self, "dataset", "subset_seed")
 
 
 @dataclass
 class ScenarioConfig:
-    """The class-incremental protocol: ``[init_cls] + [increment] * k`` (+ remainder)."""
+    """The class-incremental protocol: ``[init_cls] + [increment] * k`` (+ remainder);
+    ``init_cls`` and ``increment`` are numbers of classes (>= 1)."""
 
     init_cls: int = 2
     increment: int = 2
     shuffle: bool = True
 
+    def __post_init__(self) -> None:
+        _check_common(self, "scenario")
+        _at_least(self, "scenario", 1, "init_cls", "increment")
+
 
 @dataclass
 class RunConfig:
+    """A whole run. ``seed``: class order and every random draw (an integer in
+    [0, 2**32 - 1]); ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether
+    it exists here is checked by :func:`ptcl.engine.dist.resolve_device`);
+    ``eval_batch_size`` >= 1; ``num_workers`` (data-loader processes) >= 0."""
+
     method: MethodConfig = field(default_factory=MethodConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -113,6 +244,18 @@ class RunConfig:
     num_workers: int = 0
     keep_all_checkpoints: bool = False  # False: only the latest task's checkpoint is kept
 
+    def __post_init__(self) -> None:
+        for sec, cls in (("method", MethodConfig), ("backbone", BackboneConfig),
+                         ("dataset", DatasetConfig), ("scenario", ScenarioConfig)):
+            if not isinstance(getattr(self, sec), cls):
+                raise ConfigError(f"config section {sec!r} must be a {cls.__name__}, got {getattr(self, sec)!r}")
+        _check_common(self, "")
+        _seed(self, "", "seed")
+        if not (isinstance(self.device, str) and _DEVICE_RE.fullmatch(self.device)):
+            raise ConfigError(f"device must be {DEVICE_FORMS}, got {self.device!r}")
+        _at_least(self, "", 1, "eval_batch_size")
+        _at_least(self, "", 0, "num_workers")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -120,25 +263,67 @@ class RunConfig:
 # --------------------------------------------------------------------------- parsing
 
 
-def load_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict (YAML through ``safe_load``)."""
-    p = Path(path)
+class _Loader(yaml.SafeLoader):
+    """``safe_load`` with YAML 1.2's floats: PyYAML's YAML 1.1 rule reads ``1e-3``,
+    ``5E-4``, ``1.0e30`` and ``-.5`` as strings."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [r for r in rs if r[0] != "tag:yaml.org,2002:float"]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+            |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` reading numbers as YAML 1.2 does (``1e-3`` is a float)."""
+    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+
+
+class ConfigData(dict):
+    """A config file's mapping; ``base_dir`` (the file's folder) is what its relative
+    paths are relative to (see :func:`build_config`)."""
+
+    def __init__(self, data: Mapping[str, Any], base_dir: str | os.PathLike | None = None) -> None:
+        super().__init__(data)
+        self.base_dir = base_dir
+
+
+def load_file(path: str | os.PathLike) -> ConfigData:
+    """Read a YAML or JSON config file into a dict (YAML through a safe loader) that
+    remembers the file's folder as its ``base_dir``."""
+    p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
-    text = p.read_text()
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        text = p.read_text()
+        data = json.loads(text) if p.suffix == ".json" else yaml_load(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot parse config file {p}: {e}") from e
     if data is None:
-        return {}
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping at the top level")
-    return data
+        raise ConfigError(
+            f"config file {p} must hold a mapping of keys to values at the top level, got {data!r}"
+        )
+    return ConfigData(data, Path(os.path.abspath(p)).parent)  # the folder as named, links kept
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "method=l2p"]`` -> nested dict; values are read as YAML scalars."""
+    """``["a.b=1", "method=l2p"]`` -> nested dict; values are read as YAML scalars (and flow
+    lists or mappings: ``[0, 1]``, ``{a: 1}``; other text stays a string)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
@@ -148,9 +333,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
+            value = raw  # a block collection (`cuda:`, `- a`) is text; only flow ones are values
         if key in SECTIONS:  # shorthand: method=simplecil
             key = f"{key}.name"
         set_dotted(out, key, value)
@@ -177,43 +364,104 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Validate ``data`` (+ overrides) into a :class:`RunConfig`."""
+def _normalise(data: Any, what: str) -> dict[str, Any]:
+    """``data`` checked to be a mapping whose sections are mappings; a section given as a
+    string is its name (``method: l2p``), an empty one (``method:``) its defaults."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{what} must be a mapping of keys to values, got {data!r}")
+    out = dict(data)
+    for sec in SECTIONS:
+        if sec not in out:
+            continue
+        v = out[sec]
+        if v is None:
+            out[sec] = {}
+        elif isinstance(v, str):
+            out[sec] = {"name": v}
+        elif isinstance(v, Mapping):
+            out[sec] = dict(v)
+        else:
+            raise ConfigError(
+                f"config section {sec!r} must be a mapping of options (or a {sec} name), got {v!r}"
+            )
+    return out
+
+
+def _resolve_paths(raw: dict[str, Any], classes: dict[str, type], base: str | os.PathLike) -> dict[str, Any]:
+    """``raw`` with the path fields of each section (``classes``; ``""``: the top level)
+    made absolute relative to ``base``."""
+    out = dict(raw)
+    for sec, cls in classes.items():
+        target = out if not sec else out.get(sec)
+        if not isinstance(target, dict):
+            continue
+        target = dict(target) if sec else target
+        for f in dataclasses.fields(cls):
+            if is_path_field(f) and target.get(f.name) is not None:
+                target[f.name] = absolute_path(target[f.name], base, _key(sec, f.name))
+        if sec:
+            out[sec] = target
+    return out
+
+
+def build_config(
+    data: Mapping[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    base_dir: str | os.PathLike | None = None,
+) -> RunConfig:
+    """Validate ``data`` (+ ``key=value`` overrides) into a :class:`RunConfig`.
+
+    Relative paths in ``data`` are relative to ``base_dir`` (default: ``data.base_dir``
+    when ``data`` comes from :func:`load_file`, i.e. the config file's folder, else the
+    current directory); those in ``overrides`` to the current directory.
+    Raises :class:`ConfigError` naming the first bad key and what is valid.
+    """
     import ptcl.methods  # noqa: F401  (registers the methods)
     from ptcl.registry import METHODS
 
-    raw = merge(data or {}, parse_overrides(overrides or []))
-    for sec in SECTIONS:
-        if isinstance(raw.get(sec), str):
-            raw[sec] = {"name": raw[sec]}
-    top_fields = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(raw) - top_fields)
+    if base_dir is None:
+        base_dir = getattr(data, "base_dir", None)
+    given = _normalise(data if data is not None else {}, "the config")
+    over = _normalise(parse_overrides(overrides or []), "the overrides")
+    raw = merge(given, over)
+    top_fields = [f.name for f in dataclasses.fields(RunConfig)]
+    unknown = sorted((k for k in raw if k not in top_fields), key=str)
     if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; valid: {', '.join(sorted(top_fields))}")
+    method_raw = raw.get("method", {})
+    if method_raw and "name" not in method_raw:
         raise ConfigError(
-            f"unknown config key {unknown[0]!r}; valid: {', '.join(sorted(top_fields))}"
+            f"config section 'method' sets {', '.join(map(str, method_raw))} but no method.name; "
+            f"valid names: {', '.join(METHODS.names())}"
         )
-    method_raw = dict(raw.get("method") or {})
     method_name = method_raw.get("name", MethodConfig.name)
-    method_cls = METHODS.get(method_name).config_cls
-    kwargs: dict[str, Any] = {
-        "method": from_dict(method_cls, method_raw, "method"),
-        "backbone": from_dict(BackboneConfig, raw.get("backbone") or {}, "backbone"),
-        "dataset": from_dict(DatasetConfig, raw.get("dataset") or {}, "dataset"),
-        "scenario": from_dict(ScenarioConfig, raw.get("scenario") or {}, "scenario"),
-    }
-    for f in dataclasses.fields(RunConfig):
-        if f.name not in SECTIONS and f.name in raw:
-            kwargs[f.name] = coerce(raw[f.name], _hints(RunConfig)[f.name], f.name)
-    return RunConfig(**kwargs)
+    if not isinstance(method_name, str):
+        raise ConfigError(f"method.name must be a method name, got {method_name!r}; valid: {', '.join(METHODS.names())}")
+    classes = {"": RunConfig, "method": METHODS.get(method_name).config_cls, "backbone": BackboneConfig,
+               "dataset": DatasetConfig, "scenario": ScenarioConfig}
+    cwd = os.getcwd()
+    raw = merge(_resolve_paths(given, classes, base_dir if base_dir is not None else cwd),
+                _resolve_paths(over, classes, cwd))
+    kwargs: dict[str, Any] = {sec: from_dict(classes[sec], raw.get(sec, {}), sec) for sec in SECTIONS}
+    hints = _hints(RunConfig)
+    for name in top_fields:
+        if name not in SECTIONS and name in raw:
+            kwargs[name] = coerce(raw[name], hints[name], name)
+    try:
+        return RunConfig(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad config: {e}") from e
 
 
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     """Build dataclass ``cls`` from ``data``, type-checking each value."""
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         raise ConfigError(f"config section {prefix!r} must be a mapping, got {data!r}")
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -231,7 +479,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check/convert ``value`` to type ``tp`` (int, float, bool, str, Optional, Literal, list)."""
+    """Check/convert ``value`` to type ``tp`` (int, float, bool, str, Optional, Literal,
+    list, dict). An int takes an integral number (``1e3`` -> 1000); a float must be finite."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
@@ -245,15 +494,18 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"bad value for {key}: {value!r}")
+        msg = errors[0] if errors else f"bad value for {key}: {value!r}"
+        if type(None) in args:  # name the null the option also takes
+            msg = msg.replace(", got ", " or null, got ", 1) if ", got " in msg else f"{msg}, null"
+        raise ConfigError(msg)
     if origin is Literal:
-        if value not in args:
+        if isinstance(value, (dict, list)) or value not in args:
             raise ConfigError(
                 f"bad value {value!r} for {key}; valid: {', '.join(map(str, args))}"
             )
         return value
     if origin is dict or tp is dict:
-        if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return dict(value)
     if origin in (list, tuple):
@@ -270,10 +522,18 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INT:
+            return int(value)  # 1e3 -> 1000
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                out = float(value)
+            except OverflowError:
+                out = math.inf
+            if not math.isfinite(out):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return out
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

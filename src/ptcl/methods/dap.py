@@ -195,12 +195,20 @@ class DAP(PromptPoolLearner):
         self.task_emb = nn.Embedding(cfg.pool_size, cfg.task_emb_dim)
         self.register_buffer("task_ends", torch.zeros(0, dtype=torch.long))
         self.generated = GeneratedPrompts(model, self.generators)
+        scenario = getattr(ctx, "scenario", None)  # None in unit tests with a fake context
+        if scenario is not None:
+            self.check_pool_size(scenario.num_tasks)
+
+    def check_pool_size(self, num_tasks: int) -> None:
+        """Raise :class:`ConfigError` unless there is a task key and embedding for each of ``num_tasks``."""
+        if num_tasks > self.cfg.pool_size:
+            raise ConfigError(
+                f"method.pool_size={self.cfg.pool_size} is smaller than the scenario's {num_tasks} tasks: "
+                f"dap keeps one task key and task embedding per task; set method.pool_size={num_tasks} (or more)"
+            )
 
     def before_task(self, task: Task) -> None:
-        if task.index >= self.cfg.pool_size:
-            raise ConfigError(
-                f"dap has {self.cfg.pool_size} task keys (method.pool_size) but the scenario has more tasks"
-            )
+        self.check_pool_size(max(task.num_tasks, task.index + 1))
         super().before_task(task)
         self.task_ends = torch.cat([self.task_ends, self.task_ends.new_tensor([task.end])])
 

@@ -83,13 +83,20 @@ class DualPrompt(PromptPoolLearner):
         d = self.prompting.attn_dim
         self.g_prompt = nn.Parameter(torch.empty(len(cfg.g_layers), 2, cfg.g_length, d).uniform_(-1, 1))
         self.pool = PromptPool(cfg.pool_size, (len(cfg.e_layers), 2, cfg.e_length, d), backbone.model.embed_dim, -1.0, 1.0)
+        scenario = getattr(ctx, "scenario", None)  # None in unit tests with a fake context
+        if scenario is not None:
+            self.check_pool_size(scenario.num_tasks)
+
+    def check_pool_size(self, num_tasks: int) -> None:
+        """Raise :class:`ConfigError` unless the pool has one E-prompt for each of ``num_tasks``."""
+        if num_tasks > self.cfg.pool_size:
+            raise ConfigError(
+                f"method.pool_size={self.cfg.pool_size} is smaller than the scenario's {num_tasks} tasks: "
+                f"dualprompt keeps one E-prompt per task; set method.pool_size={num_tasks} (or more)"
+            )
 
     def before_task(self, task: Task) -> None:
-        if task.index >= self.cfg.pool_size:
-            raise ConfigError(
-                f"dualprompt has {self.cfg.pool_size} E-prompts (method.pool_size) but the "
-                f"scenario has more tasks; raise method.pool_size"
-            )
+        self.check_pool_size(max(task.num_tasks, task.index + 1))
         super().before_task(task)
 
     def prepare_task(self, task: Task) -> None:
