@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -168,28 +168,185 @@ def find_split_root(path: Path, max_depth: int = 3) -> Path:
     return path
 
 
-def _list_split(split_dir: Path, what: str) -> dict[str, list[str]]:
-    """Class folder name -> sorted image paths (searched recursively) for one split."""
+def _inside(path: str, folder: str) -> bool:
+    """Whether the real path ``path`` is ``folder`` or lies below it."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _container(path: str, folders: Collection[str]) -> str | None:
+    """The one of ``folders`` that real path ``path`` is or lies below (nearest), or None."""
+    while path not in folders:
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+    return path
+
+
+def _is(entry: os.DirEntry[str], kind: str) -> bool:
+    """``entry.is_dir()`` / ``is_file()`` / ``is_symlink()``, False where it cannot be told."""
+    try:
+        return bool(getattr(entry, f"is_{kind}")())
+    except OSError:
+        return False
+
+
+@dataclass
+class _SplitScan:
+    """One split's folder walk: what it has counted, by real (link-resolved) path."""
+
+    what: str
+    split: str  # the split folder
+    classes: dict[str, str]  # class folder -> class name
+    avoid: set[str]  # the other splits' folders
+    dirs: set[str] = field(default_factory=set)  # folders walked
+    files: set[str] = field(default_factory=set)  # images listed
+    skipped: list[str] = field(default_factory=list)  # "path (why)"
+
+    def refuse_dir(self, real: str, link: bool, cls: str) -> str | None:
+        """Why the folder ``real`` (reached by a link if ``link``) is not walked, or None."""
+        if real in self.dirs:
+            return f"folder {real} is already walked (a link loop, or a second link to it)"
+        if self.classes.get(real, cls) != cls:
+            return f"it is class folder {self.classes[real]!r}"
+        if link:
+            if _inside(self.split, real):
+                return f"a link to {real}, which holds the split folder itself"
+            return self._refuse_link(real, "folder")
+        return None
+
+    def refuse_file(self, real: str, link: bool) -> str | None:
+        """Why the image file ``real`` (reached by a link if ``link``) is not listed, or None."""
+        why = self._refuse_link(real, "file") if link else None
+        return why or (f"a second link to {real}, already listed" if real in self.files else None)
+
+    def _refuse_link(self, real: str, kind: str) -> str | None:
+        folder = _container(real, self.classes)
+        if folder is not None:
+            name = self.classes[folder]
+            return f"a link to {kind} {real} inside class folder {name!r}, listed from there"
+        folder = _container(real, self.avoid)
+        if folder is not None:
+            return f"a link to {kind} {real} inside the other split's folder {folder}"
+        return None
+
+    def walk(self, path: str, real: str, cls: str, out: list[str]) -> None:
+        """Append the image files below folder ``path`` (real path ``real``) to ``out``."""
+        self.dirs.add(real)
+        try:
+            with os.scandir(path) as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError as e:
+            raise DataError(
+                f"{self.what}: cannot read folder {path} ({e.strerror}); "
+                "make it readable or remove it"
+            ) from e
+        subdirs = []
+        for e in sorted(entries, key=lambda e: e.name):
+            link = _is(e, "symlink")
+            if _is(e, "dir"):
+                subdirs.append((e, link))
+            elif link and not os.path.exists(e.path):
+                self.skipped.append(f"{e.path} (broken symbolic link to {os.readlink(e.path)})")
+            elif os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            elif not _is(e, "file"):
+                self.skipped.append(f"{e.path} (not a regular file)")
+            else:
+                file_real = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+                why = self.refuse_file(file_real, link)
+                if why:
+                    self.skipped.append(f"{e.path} ({why})")
+                else:
+                    self.files.add(file_real)
+                    out.append(e.path)
+        for e, link in subdirs:
+            sub = os.path.realpath(e.path) if link else os.path.join(real, e.name)
+            why = self.refuse_dir(sub, link, cls)
+            if why:
+                self.skipped.append(f"{e.path} ({why})")
+            else:
+                self.walk(e.path, sub, cls, out)
+
+
+def _names(classes: list[str], limit: int = 3) -> str:
+    more = f" and {len(classes) - limit} more" if len(classes) > limit else ""
+    return ", ".join(classes[:limit]) + more
+
+
+def _count_summary(counts: dict[str, int]) -> str:
+    """One line on images per class, e.g. ``10 classes, 16 images each`` or, when they differ,
+    ``3 classes, 40 images; per class min 8 (cat), median 16, max 16 (ant, dog)``."""
+    n = sorted(counts.values())
+    if n[0] == n[-1]:
+        return f"{len(n)} classes, {n[0]} image{'s' if n[0] != 1 else ''} each"
+    low = [c for c, k in counts.items() if k == n[0]]
+    high = [c for c, k in counts.items() if k == n[-1]]
+    return (
+        f"{len(n)} classes, {sum(n)} images; per class min {n[0]} ({_names(low)}), "
+        f"median {float(np.median(n)):g}, max {n[-1]} ({_names(high)})"
+    )
+
+
+def _list_split(split_dir: Path, what: str, avoid: Sequence[Path] = ()) -> dict[str, list[str]]:
+    """Class folder name -> image paths (walked recursively, sorted) for one split.
+
+    The rules are those of :func:`read_image_folder`; ``avoid`` holds the other splits'
+    folders, which links must not lead into. Logs the skipped entries (WARNING) and the
+    images per class (INFO).
+    """
     if not split_dir.is_dir():
         raise DataError(f"{what}: missing folder {split_dir}; expected layout {LAYOUT}")
-    out: dict[str, list[str]] = {}
+    split = os.path.realpath(split_dir)
+    others = {os.path.realpath(a) for a in avoid}
+    others = {a for a in others if not (_inside(split, a) or _inside(a, split))}
+    classes: dict[str, str] = {}
     for cdir in _visible_dirs(split_dir):
-        files: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files.extend(
-                os.path.join(dirpath, f)
-                for f in sorted(filenames)
-                if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS
-            )
-        if not files:
+        real = os.path.realpath(cdir)
+        if real in classes:
             raise DataError(
-                f"{what}: class folder {cdir} holds no images "
-                f"({', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add its images"
+                f"{what}: class folders {classes[real]!r} and {cdir.name!r} in {split_dir} are "
+                f"the same folder {real}; remove the symbolic link"
             )
-        out[cdir.name] = files
+        if _inside(split, real):
+            raise DataError(
+                f"{what}: class folder {cdir} is a link to {real}, which holds the split "
+                "folder itself; remove the link"
+            )
+        if _container(real, others):
+            raise DataError(
+                f"{what}: class folder {cdir} is a link to {real}, inside the other split's "
+                f"folder; train and test must not share images; remove the link"
+            )
+        classes[real] = cdir.name
+    scan = _SplitScan(what, split, classes, others)
+    for p in sorted(split_dir.iterdir()):  # a class folder behind a broken link
+        if p.is_symlink() and not p.exists() and not p.name.startswith("."):
+            scan.skipped.append(f"{p} (broken symbolic link to {os.readlink(p)})")
+    out: dict[str, list[str]] = {}
+    for real, name in classes.items():
+        files: list[str] = []
+        n_skipped = len(scan.skipped)
+        scan.walk(str(split_dir / name), real, name, files)
+        if not files:
+            skipped = "; ".join(scan.skipped[n_skipped:][:3])
+            why = f", skipped {skipped}" if skipped else ""
+            raise DataError(
+                f"{what}: class folder {split_dir / name} holds no images "
+                f"({', '.join(sorted(IMAGE_EXTENSIONS))}{why}); remove it or add its images"
+            )
+        out[name] = files
     if not out:
         raise DataError(f"{what}: no class folders in {split_dir}; expected layout {LAYOUT}")
+    if scan.skipped:
+        shown = "; ".join(scan.skipped[:10])
+        more = f"; and {len(scan.skipped) - 10} more" if len(scan.skipped) > 10 else ""
+        log.warning(
+            "%s: skipped %d entries in %s: %s%s", what, len(scan.skipped), split_dir, shown, more
+        )
+    log.info(
+        "%s: %s: %s", what, split_dir.name, _count_summary({c: len(f) for c, f in out.items()})
+    )
     return out
 
 
@@ -204,6 +361,29 @@ def read_image_folder(
     Class indices follow the sorted class folder names of ``train``; ``test`` must hold the
     same classes. ``expected_classes``, when given, must equal the number found. ``hint`` is
     appended to error messages (e.g. where to get the data).
+
+    Each class folder is walked recursively (names starting with ``.`` ignored, files kept by
+    extension, :data:`IMAGE_EXTENSIONS`, in sorted order), following symbolic links, but
+    each real (link-resolved) folder and file is counted at most once per split. These
+    entries are skipped, and named in one WARNING per split:
+
+    - a broken symbolic link (also one in place of a class folder), or an image name that is
+      not a regular file (a FIFO, a device);
+    - a link to a folder already walked (a loop such as ``ln -s . loop``, or a second link);
+    - a link to the split folder or one of its ancestors;
+    - a link to a folder or file inside a class folder of the same split (listed from there,
+      under its own class), or inside the other split's folder (train and test stay apart);
+    - a second link to an image file already listed.
+
+    A link to a folder elsewhere, not yet walked, is followed. Images per class are logged
+    at INFO (``train: 10 classes, 16 images each``, or min / median / max with the classes
+    at the extremes). A link's target is not opened here: one that is not an image raises
+    :class:`DataError` when it is loaded (:meth:`ImageSet.load`).
+
+    Raises :class:`DataError` for a missing root, split or class folder, an unreadable
+    folder, a class folder without images, two class folders that are the same real folder,
+    a class folder that is a link to the split folder, one of its ancestors or into the
+    other split, and train/test class folders that differ.
     """
     tail = f"; {hint}" if hint else ""
     if root is None:
@@ -225,8 +405,8 @@ def read_image_folder(
     data_root = find_split_root(base)
     what = f"{name} ({given})"
     try:
-        train = _list_split(data_root / "train", what)
-        test = _list_split(data_root / "test", what)
+        train = _list_split(data_root / "train", what, avoid=[data_root / "test"])
+        test = _list_split(data_root / "test", what, avoid=[data_root / "train"])
     except DataError as e:
         raise DataError(f"{e}{tail}") from None
     classes = sorted(train)
