@@ -97,8 +97,8 @@ def test_alignment_samples_all_seen_classes_from_stored_gaussians(tmp_path, monk
     seen_y, seen_x, normed = [], [], []
     real_sample, real_norm = slca_mod.sample_gaussians, slca_mod.task_normalised_logits
 
-    def spy_sample(m, ch, y):
-        x = real_sample(m, ch, y)
+    def spy_sample(m, ch, y, generator=None):
+        x = real_sample(m, ch, y, generator)
         seen_y.append(y.clone())
         seen_x.append(x.clone())
         return x

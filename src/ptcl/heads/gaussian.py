@@ -19,13 +19,32 @@ Tukey's ladder of powers ``x -> x^beta`` on non-negative features (their ResNet 
 negative entry is clamped to 0 first, and ``beta = 0`` is ``log``). Means and covariances
 are both taken from the transformed features (their ResNet code mixes raw-feature
 covariances with re-normalised means; their ViT scripts do as here).
+
+Small classes (not in the authors' code, whose covariance of one sample is zero: its
+precision is then zero and the class is at distance 0 of every input, so it takes every
+prediction): ``S`` of a class with fewer than :data:`~ptcl.heads.class_statistics.MIN_COV_SAMPLES`
+(3) distinct samples is first shrunk towards the mean covariance of the classes with enough
+samples learned so far (kept in the head's ``shared_sum``/``shared_count`` buffers), or a
+scaled identity before there is one, with a warning naming the class; steps 2-4 follow as
+for every class (:mod:`ptcl.heads.class_statistics`). Classes with enough samples are
+unchanged. A class without samples raises :class:`~ptcl.errors.DataError`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ptcl.heads.class_statistics import (
+    MIN_COV_SAMPLES,
+    SharedCovariance,
+    class_gaussians,
+    class_means,
+    sample_covariance,
+)
 
 LOG_EPS = 1e-8
 
@@ -37,10 +56,9 @@ def tukey(x: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def covariance(x: torch.Tensor) -> torch.Tensor:
-    """Unbiased covariance of the rows of ``x`` (zeros for a single row)."""
-    if x.shape[0] < 2:
-        return x.new_zeros(x.shape[1], x.shape[1])
-    return torch.cov(x.T)
+    """Unbiased covariance of the rows of ``x`` (zeros for a single row), without the
+    small-class shrinkage of :meth:`GaussianHead.class_covariance`."""
+    return sample_covariance(x)
 
 
 def shrink_cov(cov: torch.Tensor, gamma1: float, gamma2: float) -> torch.Tensor:
@@ -72,18 +90,24 @@ def mahalanobis(x: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor) 
 class GaussianHead(nn.Module):
     """Growing per-class means (``C x D``) and precisions (``C x D x D``), as buffers.
 
-    ``beta=None``: no Tukey transform. Logits are ``-mahalanobis(transform(x))``.
+    ``beta=None``: no Tukey transform. Logits are ``-mahalanobis(transform(x))``. The
+    buffers ``shared_sum`` (``D x D``, float64) and ``shared_count`` hold the sum and number
+    of the (unshrunk) covariances of the classes with at least ``min_samples`` samples: the
+    target towards which smaller classes are shrunk (:mod:`ptcl.heads.class_statistics`).
     """
 
     def __init__(
         self, dim: int, beta: float | None = None, gamma1: float = 1.0, gamma2: float = 0.0,
-        shrink_steps: int = 1, normalize: bool = True,
+        shrink_steps: int = 1, normalize: bool = True, min_samples: int = MIN_COV_SAMPLES,
     ) -> None:
         super().__init__()
         self.dim, self.beta = dim, beta
         self.gamma1, self.gamma2, self.shrink_steps, self.normalize = gamma1, gamma2, shrink_steps, normalize
+        self.min_samples = min_samples
         self.register_buffer("means", torch.zeros(0, dim))
         self.register_buffer("precisions", torch.zeros(0, dim, dim))
+        self.register_buffer("shared_sum", torch.zeros(dim, dim, dtype=torch.float64))
+        self.register_buffer("shared_count", torch.tensor(0))
 
     @property
     def out_features(self) -> int:
@@ -99,20 +123,52 @@ class GaussianHead(nn.Module):
             x = tukey(x, self.beta)
         return F.normalize(x, dim=-1)
 
-    def class_covariance(self, z: torch.Tensor) -> torch.Tensor:
-        """Shrunk (and normalised) covariance of transformed features ``z`` (float64)."""
-        cov = covariance(z.double())
+    def shared(self) -> SharedCovariance:
+        """A copy of the shared covariance of the classes learned so far."""
+        n = int(self.shared_count)
+        return SharedCovariance(self.shared_sum.clone() if n else None, n)
+
+    def shrink(self, cov: torch.Tensor) -> torch.Tensor:
+        """FeCAM's steps 2-3 on a covariance (``D x D``, float64): shrinkage, normalisation."""
         for _ in range(self.shrink_steps):
             cov = shrink_cov(cov, self.gamma1, self.gamma2)
         return normalize_cov(cov) if self.normalize else cov
 
+    def class_covariance(self, z: torch.Tensor, label: int = 0) -> torch.Tensor:
+        """Shrunk (and normalised) covariance (``D x D``, float64) of one class's transformed
+        features ``z`` (``n x D``); a small class (named ``label``) is first shrunk towards
+        the shared covariance. Changes no state."""
+        labels = torch.full((z.shape[0],), label, dtype=torch.long, device=z.device)
+        _, covs = class_gaussians(z, labels, [label], shared=self.shared(), min_samples=self.min_samples)
+        return self.shrink(covs[0])
+
     @torch.no_grad()
+    def fit(self, x: torch.Tensor, y: torch.Tensor, classes: Sequence[int]) -> None:
+        """Fit the statistics of ``classes`` from raw features ``x`` (``N x D``) with labels
+        ``y`` (``N``). Small classes borrow from the classes of the same call with enough
+        samples too, whatever their order. Raises ``DataError`` for a class without samples."""
+        x, y = x.to(self.means.device), y.to(self.means.device)
+        zs = [self.transform(x[y == c]) for c in classes]  # per class, as set_class always did
+        z = torch.cat(zs)
+        labels = torch.cat([torch.full((len(r),), c, device=y.device) for c, r in zip(classes, zs)])
+        means = class_means(z, labels, classes)  # in z's dtype (float32), as before
+        shared = self.shared()
+        _, covs = class_gaussians(z, labels, classes, shared=shared, min_samples=self.min_samples)
+        for i, c in enumerate(classes):
+            self.means[c] = means[i]
+            self.precisions[c] = torch.linalg.pinv(self.shrink(covs[i]), hermitian=True).to(self.precisions.dtype)
+        if shared.total is not None:
+            self.shared_sum.copy_(shared.total)
+        self.shared_count.fill_(shared.count)
+
     def set_class(self, c: int, x: torch.Tensor) -> None:
         """Fit class ``c``'s statistics from its raw features ``x`` (``n x D``)."""
-        z = self.transform(x.to(self.means.device))
-        self.means[c] = z.mean(0)
-        cov = self.class_covariance(z)
-        self.precisions[c] = torch.linalg.pinv(cov, hermitian=True).to(self.precisions.dtype)
+        self.fit(x, torch.full((x.shape[0],), c, dtype=torch.long, device=x.device), [c])
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for name in ("shared_sum", "shared_count"):  # checkpoints written before these buffers
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return -mahalanobis(self.transform(x), self.means, self.precisions)

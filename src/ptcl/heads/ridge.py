@@ -11,10 +11,12 @@ official ``CosineLinear`` with ``use_RP``).
 ``lambda`` is chosen per task, as in the official code (``optimise_ridge_parameter``),
 on the current task's samples only: a ridge regression is fitted on 80% of them for every
 ``lambda`` in ``10^-8 .. 10^8`` and the one with the lowest mean squared error on the
-other 20% wins. Unlike the official code (one ``M x M`` solve per ``lambda``), the whole
-grid costs one symmetric eigendecomposition (:func:`ridge_solutions`), of ``H^T H``
-(``M x M``) or, when the task has fewer samples than ``M``, of ``H H^T`` (``n x n``, the
-same solutions by the push-through identity).
+other 20% wins (with one or two samples per class, a split that fits no sample of some class
+is redrawn per class, see :func:`holdout_split`; without any class of two samples the
+previous lambda is kept, 1 on the first task). Unlike the official code (one ``M x M``
+solve per ``lambda``), the whole grid costs one symmetric eigendecomposition
+(:func:`ridge_solutions`), of ``H^T H`` (``M x M``) or, when the task has fewer samples
+than ``M``, of ``H H^T`` (``n x n``, the same solutions by the push-through identity).
 
 Memory and precision: ``G`` is stored in float32 (``M = 10000``: 400 MB, also in each
 checkpoint, since a resumed run needs it to go on learning). ``G`` has rank at most the
@@ -34,7 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptcl.errors import DataError
+
 log = logging.getLogger(__name__)
+
+FALLBACK_LAMBDA = 1.0  # first task with nothing to hold out (this head's former one-sample choice)
 
 
 def random_projection(in_features: int, dim: int, seed: int) -> torch.Tensor:
@@ -64,18 +70,54 @@ def ridge_solutions(h: torch.Tensor, y: torch.Tensor, lambdas: Sequence[float]) 
     return torch.einsum("mk,lkc->lmc", v, scaled)
 
 
-def select_ridge(
-    h: torch.Tensor, y: torch.Tensor, lambdas: Sequence[float], val_fraction: float = 0.2,
-    generator: torch.Generator | None = None,
-) -> tuple[float, torch.Tensor]:
-    """The ``lambda`` of lowest held-out MSE: fit on a random ``1 - val_fraction`` of the rows
-    of ``h`` (targets ``y``), score on the rest. Returns ``(lambda, losses per lambda)``."""
-    n = h.shape[0]
+def holdout_split(
+    y: torch.Tensor, val_fraction: float = 0.2, generator: torch.Generator | None = None,
+    classes: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices ``(fit, held_out)`` of the lambda search, for one-hot targets ``y`` (``n x C``).
+
+    The official split: a random ``1 - val_fraction`` of the rows (at least 1, at most
+    ``n - 1``) is fitted, the rest held out. With one or two samples per class that split can
+    hold out every sample of a class, whose held-out error then only rewards predicting zero
+    (the largest lambda); then, and only then, the split is redrawn per class from the same
+    permutation: a class of ``n_c >= 2`` samples holds out ``max(1, int(n_c * val_fraction))``
+    of them but at most ``n_c - 1``, a class of one sample is only fitted, and a warning names
+    the classes (``classes[j]`` for column ``j``; default ``j``). The held-out part is empty
+    when no class has two samples. Raises ``ValueError`` for fewer than 2 rows.
+    """
+    n = y.shape[0]
     n_fit = min(int(n * (1 - val_fraction)), n - 1)
     if n_fit < 1:
         raise ValueError(f"need at least 2 samples to choose the ridge parameter, got {n}")
-    perm = torch.randperm(n, generator=generator).to(h.device)
+    perm = torch.randperm(n, generator=generator).to(y.device)
     fit, val = perm[:n_fit], perm[n_fit:]
+    missed = ((y.sum(0) > 0) & ~(y[fit].sum(0) > 0)).nonzero().flatten().tolist()
+    if not missed:
+        return fit, val
+    names = list(classes) if classes is not None else list(range(y.shape[1]))
+    group = torch.where(y.sum(1) > 0, y.argmax(1), -1)[perm]  # class of each row, in perm order
+    fits, vals = [], []
+    for k in group.unique().tolist():
+        rows = perm[group == k]
+        hold = 0 if len(rows) < 2 else min(len(rows) - 1, max(1, int(len(rows) * val_fraction)))
+        fits.append(rows[: len(rows) - hold])
+        vals.append(rows[len(rows) - hold :])
+    log.warning("ridge: the random %d/%d split fitted no sample of class(es) %s; holding out "
+                "per class instead", n_fit, n, [names[j] for j in missed])
+    return torch.cat(fits), torch.cat(vals)
+
+
+def select_ridge(
+    h: torch.Tensor, y: torch.Tensor, lambdas: Sequence[float], val_fraction: float = 0.2,
+    generator: torch.Generator | None = None, classes: Sequence[int] | None = None,
+) -> tuple[float, torch.Tensor]:
+    """The ``lambda`` of lowest held-out MSE: fit on a random ``1 - val_fraction`` of the rows
+    of ``h`` (targets ``y``, one-hot ``n x C``), score on the rest (:func:`holdout_split`,
+    whose warnings name ``classes``). Returns ``(lambda, losses per lambda)``. Raises
+    ``ValueError`` for fewer than 2 rows or when no class has two samples to hold one out."""
+    fit, val = holdout_split(y, val_fraction, generator, classes)
+    if len(val) == 0:
+        raise ValueError("no class has two samples, so none can be held out to choose the ridge parameter")
     w = ridge_solutions(h[fit], y[fit], lambdas)  # (L, M, C)
     pred = torch.einsum("vm,lmc->lvc", h[val].double(), w)
     losses = ((pred - y[val].double().unsqueeze(0)) ** 2).mean(dim=(1, 2))
@@ -150,18 +192,31 @@ class RidgeHead(nn.Module):
         self, x: torch.Tensor, y: torch.Tensor, classes: Sequence[int], lambdas: Sequence[float],
         val_fraction: float = 0.2, generator: torch.Generator | None = None,
     ) -> float:
-        """Learn one task: accumulate its statistics, choose lambda on it, re-solve ``W``."""
+        """Learn one task: accumulate its statistics, choose lambda on it, re-solve ``W``.
+
+        ``x``: ``n x in_features``; ``y``: ``n`` labels, each in ``classes`` (this task's).
+        Lambda is chosen by :func:`select_ridge`; when no class has two samples (nothing can
+        be held out) the previous task's lambda is kept (:data:`FALLBACK_LAMBDA` on the first
+        task), with a warning naming the classes. Raises ``DataError`` naming a class of
+        ``classes`` without samples (its weights would stay zero).
+        """
         h = self.project(x.to(self.G.device))
         y = y.to(self.G.device)
-        self.accumulate(h, y)
         cols = torch.as_tensor(list(classes), device=y.device)
         targets = (y[:, None] == cols[None, :]).to(h.dtype)  # one-hot over this task's classes
-        if h.shape[0] >= 2:
-            lam, losses = select_ridge(h, targets, lambdas, val_fraction, generator)
+        counts = [int(k) for k in targets.sum(0)]
+        for c, k in zip(classes, counts):
+            if k == 0:
+                raise DataError(f"class {c} has no training samples in its task; its ridge "
+                                "weights would stay zero (check the dataset's per-class subset)")
+        self.accumulate(h, y)
+        if max(counts, default=0) >= 2:
+            lam, losses = select_ridge(h, targets, lambdas, val_fraction, generator, classes)
             log.info("ridge: lambda %.0e (held-out MSE %.4g)", lam, float(losses.min()))
         else:
-            lam = 1.0
-            log.warning("ridge: %d sample(s), no held-out set; lambda %.0e", h.shape[0], lam)
+            lam = float(self.ridge) if float(self.ridge) > 0 else FALLBACK_LAMBDA
+            log.warning("ridge: class(es) %s have 1 sample each, none to hold out; keeping "
+                        "lambda %.0e", list(classes), lam)
         self.ridge.fill_(lam)
         self.weight = solve_ridge(self.G, self.Q, lam).T.to(self.G.dtype).contiguous()
         return lam

@@ -42,11 +42,11 @@ import torch
 
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
+from ptcl.heads.class_statistics import class_means
 from ptcl.heads.linear import CosineHead
 from ptcl.methods import adapt
 from ptcl.methods.adapt import FirstSessionConfig, Tuning
 from ptcl.methods.base import Learner
-from ptcl.methods.simplecil import class_means
 from ptcl.peft import TuningHandle, disabled
 from ptcl.registry import METHODS
 

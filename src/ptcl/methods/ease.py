@@ -47,6 +47,7 @@ from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
+from ptcl.heads.class_statistics import class_means
 from ptcl.methods.adapt import temporary_head
 from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach
@@ -120,10 +121,6 @@ class SubspaceMixin:
         h = attach(self.backbone.model, "adapter", name=f"task{task.index}", bottleneck=bottleneck)
         h.module.requires_grad_(False)
         self.handles.append(h)
-
-
-def class_means(feats: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-    return torch.stack([feats[labels == c].mean(0) for c in classes])
 
 
 def complement(old_i: torch.Tensor, ref_i: torch.Tensor, ref_d: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,11 @@ The backbone stays frozen (the paper's pre-trained-ViT setting, the authors'
 LAMDA-PILOT's FeCAM does with an adapter. For every new class the mean and the shrunk,
 correlation-normalised covariance of its (transformed) training features are stored; a
 sample goes to the class of smallest Mahalanobis distance (see :mod:`ptcl.heads.gaussian`).
-Old classes' statistics never change, and no data is kept.
+Old classes' statistics never change, and no data is kept. A class with fewer than 3
+distinct training samples (its covariance would be zero or rank one; with one sample the
+authors' code gives it a zero precision, so it takes every prediction) is shrunk towards
+the mean covariance of the classes learned so far, with a warning naming it
+(:mod:`ptcl.heads.class_statistics`); a class without samples raises ``DataError``.
 
 Defaults (github.com/dipamgoswami/FeCAM): ``FeCAM_vit_cifar100.py`` -- L2-normalised
 features, one shrinkage with ``gamma1 = 1, gamma2 = 0``, correlation normalisation,
@@ -78,8 +82,7 @@ class FeCAM(FirstSessionFeatures):
     def train_task(self, task: Task) -> None:
         self._tune(task)
         feats, labels = self.features("train", task.classes)
-        for c in task.classes:
-            self.head.set_class(c, feats[labels == c])
+        self.head.fit(feats, labels, task.classes)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

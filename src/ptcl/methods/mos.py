@@ -28,6 +28,11 @@ test forwards, so stored adapters keep drifting towards the mean of the earlier 
 being evaluated); here the merge follows the paper (once per optimiser step) and stored
 adapters are frozen, so their features are extracted once and cached like EASE's. Only the
 ``covariance`` and ``variance`` class statistics are implemented (not ``multi-centroid``).
+Not in the official code: a class with fewer than 3 distinct samples (covariance zero or
+rank one) is shrunk towards the mean covariance of the classes with enough samples of its
+task and of every earlier class, with a warning; the Cholesky factors add jitter where one
+fails (the official ``torch.linalg.cholesky`` raises), both from
+:mod:`ptcl.heads.class_statistics`, shared with SLCA.
 """
 
 from __future__ import annotations
@@ -45,16 +50,25 @@ from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
+from ptcl.heads.class_statistics import (
+    SharedCovariance,
+    cholesky_factors,
+    class_gaussians,
+    class_means,
+    sample_gaussians,
+)
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.base import Learner
-from ptcl.methods.ease import SubspaceMixin, class_means, only
+from ptcl.methods.ease import SubspaceMixin, only
 from ptcl.peft import TuningHandle
 from ptcl.registry import METHODS
+from ptcl.seeding import generator
 
 log = logging.getLogger(__name__)
 
 ORTH_TEMPERATURE = 0.8
 HEAD_LR_SCALE = 0.1
+COV_RIDGE = 1e-4  # added to every class covariance (unchanged from the previous implementation)
 
 
 @dataclass
@@ -175,32 +189,33 @@ class MOS(SubspaceMixin, Learner):
 
     @torch.no_grad()
     def class_statistics(self, task: Task) -> None:
+        """Prototypes (adapter 0) and Gaussians (the task's adapter) of the new classes; a class
+        with fewer than 3 distinct samples is shrunk towards the mean covariance of the others
+        (:mod:`ptcl.heads.class_statistics`); a class without samples raises ``DataError``."""
         feats, labels = self.subspace_train(task.index, task.classes)
         proto_feats, proto_labels = self.subspace_train(0, task.classes)
         self.protos[task.start : task.end] = class_means(proto_feats, proto_labels, task.classes).to(self.protos)
-        for c in task.classes:
-            f = feats[labels == c].double()
-            cov = torch.cov(f.T).nan_to_num(0.0) + 1e-4 * torch.eye(self.dim, dtype=f.dtype)
-            self.means[c] = f.mean(0).to(self.means)
-            self.covs[c] = (cov if self.cfg.ca_storage == "covariance" else cov.diagonal()).to(self.covs)
+        shared = SharedCovariance.of(self.covs[: task.start], COV_RIDGE)
+        means, covs = class_gaussians(feats, labels, task.classes, COV_RIDGE, shared)
+        for i, c in enumerate(task.classes):
+            self.means[c] = means[i].to(self.means)
+            self.covs[c] = (covs[i] if self.cfg.ca_storage == "covariance" else covs[i].diagonal()).to(self.covs)
 
     def align_classifier(self, task: Task) -> None:
         """Train the head on features sampled from every seen class's Gaussian."""
         cfg = self.cfg
         per_class = cfg.batch_size * 5
         if cfg.ca_storage == "covariance":
-            chol = torch.linalg.cholesky(self.covs[: task.end].double()).to(self.means)
+            chol = cholesky_factors(self.covs[: task.end]).to(self.means)
         else:
             chol = torch.diag_embed(self.covs[: task.end].sqrt())
         labels = torch.arange(task.end).repeat_interleave(per_class)
         means = self.means[: task.end]
 
+        gen = generator(self.ctx.seed, "mos-alignment", task.index, device=means.device)
+
         def step(y_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # fresh samples per epoch
-            x = torch.empty(len(y), self.dim, device=means.device)
-            for c in y.unique():
-                sel = y == c
-                x[sel] = means[c] + torch.randn(int(sel.sum()), self.dim, device=x.device) @ chol[c].T
-            return F.cross_entropy(self.head(x), y)
+            return F.cross_entropy(self.head(sample_gaussians(means, chol, y, gen)), y)
 
         ca = dataclasses.replace(cfg, lr=cfg.ca_lr, epochs=cfg.ca_epochs, batch_size=per_class)
         losses = self.fit(TensorDataset(labels, labels), step, self.head.parameters(), cfg=ca,

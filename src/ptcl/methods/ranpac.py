@@ -13,7 +13,10 @@ also LAMDA-PILOT ``models/ranpac.py``):
   of size ``feature_dim x M`` (``M = 10000``); ``G += h h^T`` and ``Q += h y^T`` over the
   task's samples (old data is never read again); ``lambda`` chosen on an 80/20 split of
   the current task from ``10^-8 .. 10^8`` (the official grid); ``W = (G + lambda I)^-1 Q``;
-  logits ``h @ W``. See :mod:`ptcl.heads.ridge`.
+  logits ``h @ W``. See :mod:`ptcl.heads.ridge`. With one or two samples per class (not
+  handled by the official code) a split that fits no sample of some class is redrawn per
+  class, a task whose classes all have one sample keeps the previous lambda, and a class
+  without samples raises ``DataError``.
 
 Defaults: RanPAC ``args/cifar224_publish.csv`` (adapter, 20 epochs, SGD lr 0.01, batch 48,
 weight decay 5e-4, cosine to 0, M = 10000). Deviations: the lambda grid is searched with one

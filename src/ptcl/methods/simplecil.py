@@ -17,6 +17,7 @@ import torch
 
 from ptcl.config import MethodConfig
 from ptcl.data.scenario import Task
+from ptcl.heads.class_statistics import class_means
 from ptcl.heads.linear import CosineHead
 from ptcl.methods.base import Learner
 from ptcl.registry import METHODS
@@ -25,11 +26,6 @@ from ptcl.registry import METHODS
 @dataclass
 class SimpleCILConfig(MethodConfig):
     name: str = "simplecil"
-
-
-def class_means(feats: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """Mean feature of each class in ``classes`` (rows in that order)."""
-    return torch.stack([feats[labels == c].mean(0) for c in classes])
 
 
 @METHODS.register("simplecil")

@@ -13,6 +13,11 @@ Implemented, per task:
 2. *Class statistics*: mean and covariance (+ ``cov_ridge`` * I) of each new class's
    features (eval transform, current backbone). Old classes keep the statistics from the
    task that taught them (exemplar-free); they are buffers, so checkpoints restore them.
+   Not in the official code: a class with fewer than 3 distinct samples (whose covariance
+   is zero or rank one, so its sampled features would collapse onto its mean or a line) is
+   shrunk towards the mean covariance of the classes with enough samples of this task and
+   of every earlier class, with a warning (:mod:`ptcl.heads.class_statistics`); the
+   Cholesky factors fall back to an eigen-decomposition where even jitter fails.
 3. *Classifier alignment* (from the second task on): the heads of all seen classes are
    fine-tuned on features sampled from N(mu_c, Sigma_c) (``ca_samples`` per class and
    epoch, freshly drawn each epoch) with the logit normalisation of the official code
@@ -44,9 +49,17 @@ from ptcl.config import TrainConfig
 from ptcl.data.features import extract_features
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
+from ptcl.heads.class_statistics import (
+    SharedCovariance,
+    cholesky_factors,
+    class_gaussians,
+    gaussian_stats,  # noqa: F401  (its former home)
+    sample_gaussians,
+)
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.base import Learner
 from ptcl.registry import METHODS
+from ptcl.seeding import generator
 
 log = logging.getLogger(__name__)
 
@@ -93,39 +106,6 @@ def task_normalised_logits(logits: torch.Tensor, bounds: list[int], temperature:
     """
     norms = torch.stack([logits[:, a:b].norm(dim=1) + 1e-7 for a, b in zip(bounds[:-1], bounds[1:])], 1)
     return logits / norms.mean(1, keepdim=True) / temperature
-
-
-def gaussian_stats(feats: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and covariance (float64, ``+ ridge * I``) of ``feats`` (N x D)."""
-    f = feats.double()
-    eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
-    cov = torch.cov(f.T) if len(f) > 1 else torch.zeros_like(eye)
-    return f.mean(0), cov + ridge * eye
-
-
-def cholesky_factors(covs: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factors of ``covs`` (C x D x D), adding jitter where one is singular."""
-    out = []
-    for cov in covs.double():
-        jitter = 0.0
-        for _ in range(8):
-            eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
-            chol, info = torch.linalg.cholesky_ex(cov + jitter * eye)
-            if int(info) == 0:
-                break
-            jitter = max(jitter * 10, 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12)))
-        out.append(chol.float())
-    return torch.stack(out)
-
-
-def sample_gaussians(means: torch.Tensor, chols: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One sample of N(means[y], chols[y] chols[y]^T) for every ``y`` in ``labels``."""
-    out = torch.empty(len(labels), means.shape[1], device=means.device)
-    for c in labels.unique().tolist():
-        idx = labels == c
-        z = torch.randn(int(idx.sum()), means.shape[1], device=means.device)
-        out[idx] = means[c] + z @ chols[c].T
-    return out
 
 
 @METHODS.register("slca")
@@ -195,17 +175,21 @@ class SLCA(Learner):
 
     @torch.no_grad()
     def store_class_stats(self, task: Task) -> None:
-        """Mean and covariance of the new classes' train features (eval transform)."""
+        """Mean and covariance of the new classes' train features (eval transform); a class
+        with fewer than 3 distinct samples is shrunk towards the mean covariance of the
+        others (this task's classes with enough samples and every earlier class), see
+        :mod:`ptcl.heads.class_statistics`."""
         data = self.ctx.data
         ds = data.images("train", task.classes, train_transform=False)
         self.backbone.eval()
         feats = extract_features(self.backbone, ds, data.batch_size, data.num_workers, self.device,
                                  desc="slca stats", quiet=self.ctx.quiet)
         labels = torch.from_numpy(ds.labels)
-        for c in task.classes:
-            mean, cov = gaussian_stats(feats[labels == c], self.cfg.cov_ridge)
-            self.class_means[c] = mean.to(self.class_means)
-            self.class_covs[c] = cov.to(self.class_covs)
+        shared = SharedCovariance.of(self.class_covs[: task.start], self.cfg.cov_ridge)
+        means, covs = class_gaussians(feats, labels, task.classes, self.cfg.cov_ridge, shared)
+        for i, c in enumerate(task.classes):
+            self.class_means[c] = means[i].to(self.class_means)
+            self.class_covs[c] = covs[i].to(self.class_covs)
 
     def sampling_means(self, task: Task) -> torch.Tensor:
         """Class means to sample around at ``task`` (the official code's mean shrinking)."""
@@ -233,8 +217,10 @@ class SLCA(Learner):
         bounds = [0, *(t.end for t in self.ctx.scenario.tasks[: task.index + 1])]
         labels = torch.arange(n).repeat_interleave(cfg.ca_samples)
 
+        gen = generator(self.ctx.seed, "slca-alignment", task.index, device=means.device)
+
         def step(y: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-            logits = head(sample_gaussians(means, chols, y))
+            logits = head(sample_gaussians(means, chols, y, gen))
             if cfg.ca_logit_norm > 0:
                 logits = task_normalised_logits(logits, bounds, cfg.ca_logit_norm)
             return F.cross_entropy(logits, y)
