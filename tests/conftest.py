@@ -26,3 +26,44 @@ def cifar10_archive() -> Path:
     if not CIFAR10_ARCHIVE.is_file():
         pytest.skip(f"real CIFAR-10 archive not found at {CIFAR10_ARCHIVE}")
     return CIFAR10_ARCHIVE
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path) -> Path:
+    """A folder this process cannot write: mode 0555 for a normal user; for root (who
+    ignores permission bits) a read-only tmpfs, or the test is skipped."""
+    d = tmp_path / "readonly"
+    if os.geteuid() != 0:
+        d.mkdir()
+        d.chmod(0o555)
+        yield d
+        d.chmod(0o755)
+        return
+    if not _mount_tmpfs(d, "ro,size=1m"):
+        pytest.skip("root cannot be denied writes without mounting a read-only file system here")
+    yield d
+    _umount(d)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> Path:
+    """A 2 MiB tmpfs (a disk that fills up), or the test is skipped."""
+    d = tmp_path / "small"
+    if os.geteuid() != 0 or not _mount_tmpfs(d, "size=2m"):
+        pytest.skip("cannot mount a small tmpfs here")
+    yield d
+    _umount(d)

@@ -4,7 +4,8 @@
     ptcl list methods|backbones|datasets
     ptcl compare RUN_DIR [RUN_DIR ...] [--plot FILE]
 
-User errors print one line (``ptcl: error: ...``) and exit with status 2.
+User errors print one line (``ptcl: error: ...``) and exit with status 2; Ctrl-C prints
+what was kept and exits with 130.
 """
 
 from __future__ import annotations
@@ -19,9 +20,27 @@ from ptcl.errors import PtclError
 log = logging.getLogger("ptcl")
 
 
+def _console_only(record: logging.LogRecord) -> bool:
+    """Records marked ``file_only`` (the results table) go to run.log, not the console."""
+    return not getattr(record, "file_only", False)
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (not at set-up)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
-    h = logging.StreamHandler(sys.stderr)
+    h = _Stderr()
     h.setFormatter(logging.Formatter("%(message)s"))
+    h.addFilter(_console_only)
     root = logging.getLogger("ptcl")
     root.handlers[:] = [h]
     root.setLevel(logging.INFO)
@@ -41,8 +60,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     config, overrides = None, list(a.args)
     if overrides and "=" not in overrides[0]:
         config = overrides.pop(0)
-    if a.resume and (config or overrides):
+    if a.resume is not None and (config or overrides):
         raise PtclError("--resume takes no config or overrides: the run folder's config.yaml is used")
+    if a.resume is not None and a.out is not None:
+        raise PtclError("--resume continues RUN_DIR in place; it cannot be combined with --out")
     m = run(config, overrides, out=a.out, resume=a.resume, quiet=a.quiet, max_tasks=a.max_tasks)
     _out(task_table(m))
     _out(f"run folder: {m['run_dir']}")
@@ -67,13 +88,22 @@ def cmd_list(a: argparse.Namespace) -> int:
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
+    from ptcl.io import writable_dir_error
     from ptcl.report.plots import plot_curves
     from ptcl.report.results import compare_table, read_metrics
 
+    if a.plot is not None:
+        why = writable_dir_error(Path(a.plot).expanduser().parent, "the folder of --plot")
+        if why or Path(a.plot).is_dir():
+            raise PtclError(f"{why or f'--plot {a.plot} is a folder'}; give a writable PNG path")
     runs = {str(Path(r)): read_metrics(r) for r in a.runs}
     _out(compare_table(runs))
-    plot_curves({f"{m['method']} ({Path(k).name})": m for k, m in runs.items()}, a.plot)
-    _out(f"plot: {a.plot}")
+    if a.plot is not None:
+        try:
+            plot_curves({f"{m['method']} ({Path(k).name})": m for k, m in runs.items()}, a.plot)
+        except OSError as e:
+            raise PtclError(f"cannot write the plot {a.plot}: {e}") from None
+        _out(f"plot: {a.plot}")
     return 0
 
 
@@ -92,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=cmd_list)
     c = sub.add_parser("compare", help="compare finished runs")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--plot", default="compare.png", help="where to write the curves (PNG)")
+    c.add_argument("--plot", metavar="FILE", help="also write the accuracy curves to this PNG")
     c.set_defaults(fn=cmd_compare)
     return p
 
@@ -105,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     except PtclError as e:
         sys.stderr.write(f"ptcl: error: {e}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("ptcl: interrupted; continue with `ptcl run --resume RUN_DIR`\n")
+    except KeyboardInterrupt as e:
+        sys.stderr.write(f"ptcl: {getattr(e, 'message', 'interrupted')}\n")
         return 130
 
 

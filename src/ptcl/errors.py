@@ -22,3 +22,19 @@ class DataError(PtclError):
 
 class BackboneError(PtclError):
     """Unknown backbone or weights that cannot be loaded."""
+
+
+class TrainingDiverged(PtclError):
+    """A loss or a prediction became NaN or infinite (learning rate too high, no clipping)."""
+
+
+class ResultsWriteError(PtclError):
+    """A run's results could not be written (full disk, read-only folder)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``message`` says what was kept and how to continue."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message

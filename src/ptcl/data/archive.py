@@ -3,7 +3,9 @@
 An archive is unpacked into ``cache_dir("extracted", KEY)`` where ``KEY`` is derived from
 the archive's absolute path, size and modification time, so a changed archive gets a fresh
 folder. Extraction goes into a temporary sibling folder that is renamed into place only
-when complete: a killed extraction never looks like a finished one.
+when complete: a killed extraction never looks like a finished one, and its leftover
+(named after its host and process, :func:`ptcl.io.tmp_prefix`) is removed on the next start.
+The extracted folder gets the umask's folder mode (not ``mkdtemp``'s private ``0700``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from ptcl.errors import DataError
+from ptcl.io import dir_mode, remove_stale_tmp, tmp_prefix
 from ptcl.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-_STALE_TMP_S = 6 * 3600  # temp folders older than this are leftovers of killed extractions
 
 
 def is_archive(path: str | os.PathLike[str]) -> bool:
@@ -67,17 +69,6 @@ def _checked_members(tf: tarfile.TarFile, archive: Path) -> Iterator[tarfile.Tar
         yield m
 
 
-def _clean_stale_tmp(parent: Path, key: str) -> None:
-    now = time.time()
-    for p in parent.glob(f".{key}.tmp-*"):
-        try:
-            if now - p.stat().st_mtime > _STALE_TMP_S:
-                log.info("removing leftover of an interrupted extraction: %s", p)
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            pass
-
-
 def extract_once(archive: str | os.PathLike[str]) -> Path:
     """Extract ``archive`` into the cache unless already done; return the extracted folder.
 
@@ -94,8 +85,8 @@ def extract_once(archive: str | os.PathLike[str]) -> Path:
     if dest.is_dir():
         log.info("using extracted archive %s at %s", src, dest)
         return dest
-    _clean_stale_tmp(parent, key)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=parent))
+    remove_stale_tmp(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(key), suffix=".tmp", dir=parent))
     t0 = time.perf_counter()
     log.info("extracting %s into %s (once; cached afterwards)", src, dest)
     try:
@@ -115,6 +106,7 @@ def extract_once(archive: str | os.PathLike[str]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
+        os.chmod(tmp, dir_mode())
         os.rename(tmp, dest)
     except OSError:
         # Another process finished the same extraction first: use its result.

@@ -72,8 +72,11 @@ class FeatureCache:
         feats = compute()
         self.compute_s += time.perf_counter() - t0
         if self.enabled and write:
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_save_tensors(p, {"features": feats}, metadata={"parts": json.dumps(parts, default=str)[:4000]})
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                atomic_save_tensors(p, {"features": feats}, metadata={"parts": json.dumps(parts, default=str)[:4000]})
+            except OSError as e:  # a full or read-only cache costs time, never the run
+                log.warning("could not store features in the cache %s (%s); continuing without it", self.root, e)
         return feats
 
 
@@ -87,8 +90,12 @@ def extract_features(
     desc: str = "features",
     quiet: bool = False,
 ) -> torch.Tensor:
-    """Run ``forward`` over ``dataset`` (yielding ``(x, y)``) and stack the outputs on CPU."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    """Run ``forward`` over ``dataset`` (yielding ``(x, y)``) and stack the outputs on CPU.
+
+    The loader has its own generator, so iterating it draws nothing from the global one.
+    """
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
     out = []
     for x, _ in tqdm(loader, desc=desc, disable=quiet, leave=False, unit="batch"):
         out.append(forward(x.to(device, non_blocking=True)).float().cpu())

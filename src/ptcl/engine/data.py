@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ptcl.backbones.base import Backbone
 from ptcl.data.base import DatasetSplits, ImageSet
@@ -14,6 +14,7 @@ from ptcl.data.features import FeatureCache, extract_features
 from ptcl.data.scenario import Scenario, subset_per_class
 from ptcl.engine import dist
 from ptcl.peft.base import TuningModule
+from ptcl.seeding import SeededItems, SeededSampler, isolated_rng
 
 SPLITS = ("train", "test")
 
@@ -21,8 +22,11 @@ SPLITS = ("train", "test")
 class TaskImages(Dataset):
     """Images of an :class:`ImageSet` at ``indices`` with remapped ``labels``."""
 
-    def __init__(self, images: ImageSet, indices: np.ndarray, labels: np.ndarray, transform) -> None:
+    def __init__(
+        self, images: ImageSet, indices: np.ndarray, labels: np.ndarray, transform, augmented: bool = False
+    ) -> None:
         self.images, self.indices, self.labels, self.transform = images, indices, labels, transform
+        self.augmented = augmented  # the transform draws random numbers (train augmentation)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -34,6 +38,7 @@ class TaskImages(Dataset):
 class _WithFeatures(Dataset):
     def __init__(self, images: TaskImages, feats: torch.Tensor) -> None:
         self.images, self.feats = images, feats
+        self.augmented = images.augmented
 
     def __len__(self) -> int:
         return len(self.images)
@@ -75,7 +80,8 @@ class DataManager:
     """Selects samples by task and serves images or frozen features for them.
 
     Sample selection: the per-class subset of each split (``train_per_class``,
-    ``test_per_class``) and labels remapped by the scenario's class order.
+    ``test_per_class``, drawn with ``subset_seed``, default ``seed``) and labels remapped
+    by the scenario's class order.
     Frozen features of the whole selected split are computed once (one backbone pass)
     and cached on disk; learners then slice them by task.
     """
@@ -92,6 +98,7 @@ class DataManager:
         batch_size: int = 64,
         num_workers: int = 0,
         quiet: bool = False,
+        subset_seed: int | None = None,
     ) -> None:
         self.splits, self.scenario, self.seed = splits, scenario, seed
         self.backbone, self.cache, self.device = backbone, cache, device
@@ -101,7 +108,7 @@ class DataManager:
         self.label: dict[str, np.ndarray] = {}
         for s in SPLITS:
             imgs = self.imageset(s)
-            idx = subset_per_class(imgs.targets, per_class.get(s), seed)
+            idx = subset_per_class(imgs.targets, per_class.get(s), seed if subset_seed is None else subset_seed)
             self.index[s] = idx
             self.label[s] = lm[imgs.targets[idx]]
         self._frozen: dict[str, torch.Tensor] = {}
@@ -116,7 +123,7 @@ class DataManager:
     def images(self, split: str, classes: Sequence[int] | range, train_transform: bool = False) -> TaskImages:
         pos = self.positions(split, classes)
         tf = self.backbone.transform(train=train_transform)
-        return TaskImages(self.imageset(split), self.index[split][pos], self.label[split][pos], tf)
+        return TaskImages(self.imageset(split), self.index[split][pos], self.label[split][pos], tf, train_transform)
 
     def images_with_features(
         self, split: str, classes: Sequence[int] | range, train_transform: bool = False
@@ -161,10 +168,11 @@ class DataManager:
             was_training = forward.training
             forward.eval()
             try:
-                return extract_features(
-                    forward, ds, self.batch_size, self.num_workers, self.device,
-                    desc=f"features[{split}]", quiet=self.quiet,
-                )
+                with isolated_rng():  # a cache miss must not advance the learner's random stream
+                    return extract_features(
+                        forward, ds, self.batch_size, self.num_workers, self.device,
+                        desc=f"features[{split}]", quiet=self.quiet,
+                    )
             finally:
                 forward.train(was_training)
 
@@ -176,11 +184,20 @@ class DataManager:
         return self.frozen_features(split)[torch.from_numpy(pos)], torch.from_numpy(self.label[split][pos])
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
-        """A DataLoader; under torchrun each rank reads its own shard."""
+        """A DataLoader whose randomness comes from ``run seed + seed`` only.
+
+        The order is drawn from its own generator. A dataset with random augmentation
+        (``dataset.augmented``) is served through :class:`~ptcl.seeding.SeededSampler`: each
+        item carries a seed from the same generator and is transformed with it, so the
+        augmentation neither reads nor advances the global generators and is the same for
+        any ``num_workers``.
+        """
         g = torch.Generator().manual_seed(self.seed + seed)
-        if dist.world_size() > 1:
-            sampler = DistributedSampler(dataset, shuffle=shuffle, seed=self.seed + seed, drop_last=drop_last)
-            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=drop_last)
+        if getattr(dataset, "augmented", False):
+            return DataLoader(
+                SeededItems(dataset), batch_size=batch_size, sampler=SeededSampler(dataset, shuffle, g),
+                num_workers=self.num_workers, drop_last=drop_last, generator=g,
+            )
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
             num_workers=self.num_workers, drop_last=drop_last,

@@ -1,24 +1,23 @@
 """The run driver: config -> scenario -> backbone -> learner -> per-task evaluation -> run folder.
 
-Everything that can fail on user input (config, dataset, split, backbone) happens before
-the run folder is written. After every finished task the checkpoint, then ``metrics.json``
-(with all rows so far) and the plot are written atomically, so a killed run loses nothing
-that finished and ``run(resume=RUN_DIR)`` continues after the last finished task.
+Everything that can fail on user input (config, output folder, cache folder, dataset,
+split, backbone, method options against the stream) happens before the run folder is
+written. After every finished task the checkpoint, then ``metrics.json`` (with all rows so
+far) and the plot are written atomically, so a killed run loses nothing that finished and
+``run(resume=RUN_DIR)`` continues after the last finished task. Tasks are numbered from 0
+everywhere (logs, tables, ``metrics.json``, plots).
 """
 
 from __future__ import annotations
 
 import logging
-import random
-import resource
 import shutil
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from safetensors import SafetensorError
 
 from ptcl import __version__
 from ptcl.backbones import build_backbone
@@ -27,30 +26,33 @@ from ptcl.data.datasets import load_dataset
 from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
 from ptcl.engine import dist
-from ptcl.engine.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from ptcl.engine.checkpoint import save_checkpoint
 from ptcl.engine.data import DataManager
 from ptcl.engine.evaluate import predict_seen
-from ptcl.errors import ConfigError
-from ptcl.io import atomic_write_json, atomic_write_text
+from ptcl.engine.resources import TaskMemory
+from ptcl.engine.rundir import RunFolder, check_out_dir, stream_identity
+from ptcl.errors import ConfigError, PtclError, ResultsWriteError, RunInterrupted
+from ptcl.io import atomic_write_json, atomic_write_text, is_disk_full, remove_stale_tmp
 from ptcl.methods.base import LearnerContext
 from ptcl.metrics import accuracy, accuracy_row, old_new_accuracy
+from ptcl.paths import cache_dir
 from ptcl.registry import METHODS
 from ptcl.report.plots import plot_run
-from ptcl.report.results import read_metrics, summarize, task_table
+from ptcl.report.results import summarize, task_table
+from ptcl.seeding import isolated_rng, seed_everything, task_seed
 
 log = logging.getLogger("ptcl")
 
+__all__ = ["run", "seed_everything"]
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+FILE_ONLY = {"file_only": True}  # log records for run.log only (the CLI prints them itself)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+class _RunLog(logging.FileHandler):
+    """``run.log``; a failed write (full disk) is dropped instead of printing a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging API)
+        pass
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -68,6 +70,11 @@ def resolve_config(config: RunConfig | dict | str | Path | None, overrides: list
     return build_config(config or {}, overrides)
 
 
+def _saved(done: int) -> str:
+    """``task 0 is saved`` / ``tasks 0-2 are saved``."""
+    return "task 0 is saved" if done == 1 else f"tasks 0-{done - 1} are saved"
+
+
 def run(
     config: RunConfig | dict | str | Path | None = None,
     overrides: list[str] | None = None,
@@ -79,43 +86,68 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) a class-incremental experiment and return its metrics.
 
-    ``config``: a :class:`RunConfig`, a dict, a YAML/JSON path, or ``None`` (the embedded
-    default). ``overrides``: ``key=value`` strings. ``out``: the run folder (default
-    ``runs/<method>_<dataset>_<time>``). ``resume``: an interrupted run folder to continue.
+    ``config``: a :class:`RunConfig`, a dict, a YAML/JSON path (relative paths inside it
+    are relative to the file), or ``None`` (the embedded default). ``overrides``:
+    ``key=value`` strings. ``out``: the run folder (default ``runs/<method>_<dataset>_<time>``).
+    ``resume``: an interrupted run folder to continue (``out`` must then be ``None``).
     ``max_tasks``: stop (resumably) after this many finished tasks.
+
+    Raises :class:`~ptcl.errors.PtclError` subclasses for anything the user can fix (bad
+    config, busy or damaged run folder, changed dataset on resume, diverged training, full
+    disk) and :class:`~ptcl.errors.RunInterrupted` on Ctrl-C, each with one-line messages.
     """
-    rows: list[dict] = []
+    dist.check_single_process()
+    if max_tasks is not None and max_tasks < 1:
+        raise ConfigError(f"--max-tasks must be >= 1, got {max_tasks}")
     if resume is not None:
-        run_dir = Path(resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"cannot resume: {run_dir} is not a ptcl run folder (no config.yaml)")
-        cfg = build_config(load_file(run_dir / "config.yaml"))
-        if (run_dir / "metrics.json").is_file():
-            rows = read_metrics(run_dir)["rows"]
-        while rows and not checkpoint_path(run_dir, len(rows) - 1).is_file():
-            rows.pop()  # a row is only kept with its checkpoint
+        if out is not None:
+            raise ConfigError("--resume continues RUN_DIR in place; it cannot be combined with --out")
+        folder = RunFolder(resume)
+        if not folder.config.is_file():
+            raise ConfigError(f"cannot resume: {folder.path} is not a ptcl run folder (no config.yaml)")
+        folder.lock()
+        try:
+            cfg = build_config(folder.read_config_data())
+        except BaseException:
+            folder.unlock()
+            raise
     else:
         cfg = resolve_config(config, overrides)
-        run_dir = Path(out) if out is not None else default_run_dir(cfg)
-        if (run_dir / "config.yaml").exists():
+        folder = RunFolder(check_out_dir(out) if out is not None else default_run_dir(cfg))
+        if folder.config.exists():
             raise ConfigError(
-                f"run folder {run_dir} already holds a run; continue it with "
-                f"`ptcl run --resume {run_dir}` or choose another --out"
+                f"run folder {folder.path} already holds a run; continue it with "
+                f"`ptcl run --resume {folder.path}` or choose another --out"
             )
+    try:
+        return _run(cfg, folder, resume is not None, quiet, max_tasks, cache)
+    finally:
+        folder.unlock()
 
+
+def _run(
+    cfg: RunConfig, folder: RunFolder, resuming: bool, quiet: bool, max_tasks: int | None,
+    cache: FeatureCache | None,
+) -> dict[str, Any]:
     # ---- set-up: everything that can fail on bad input, before writing anything
-    seed_everything(cfg.seed)
     device = dist.resolve_device(cfg.device)
-    splits = load_dataset(cfg.dataset)
-    scenario = Scenario.build(splits.num_classes, cfg.scenario.init_cls, cfg.scenario.increment,
-                              cfg.seed, cfg.scenario.shuffle)
-    backbone = build_backbone(cfg.backbone).to(device)
+    cache = cache or FeatureCache(cache_dir("features"))
+    remove_stale_tmp(cache.root)  # leftovers of killed writers (their processes are gone)
+    with isolated_rng():  # loading data and weights never shifts the run's random stream
+        splits = load_dataset(cfg.dataset)
+        scenario = Scenario.build(splits.num_classes, cfg.scenario.init_cls, cfg.scenario.increment,
+                                  cfg.seed, cfg.scenario.shuffle)
+        backbone = build_backbone(cfg.backbone).to(device)
     data = DataManager(
         splits, scenario, {"train": cfg.dataset.train_per_class, "test": cfg.dataset.test_per_class},
-        cfg.seed, backbone, cache or FeatureCache(), device, cfg.eval_batch_size, cfg.num_workers, quiet,
+        cfg.seed, backbone, cache, device, cfg.eval_batch_size, cfg.num_workers, quiet,
+        subset_seed=cfg.dataset.subset_seed,
     )
+    seed_everything(cfg.seed)
     ctx = LearnerContext(data=data, scenario=scenario, device=device, seed=cfg.seed, quiet=quiet)
     learner = METHODS.get(cfg.method.name)(cfg.method, backbone, ctx).to(device)
+    stream = stream_identity(splits, scenario, data.index)
+    memory = TaskMemory(device)
     header = {
         "ptcl_version": __version__,
         "method": cfg.method.name,
@@ -128,73 +160,137 @@ def run(
         "num_tasks": scenario.num_tasks,
         "train_samples": int(len(data.index["train"])),
         "test_samples": int(len(data.index["test"])),
+        "dataset_fingerprint": stream["dataset_fingerprint"],
         "device": str(device),
+        "peak_memory_kind": memory.kind(),
     }
+    rows: list[dict] = []
+    created = False
+    if resuming:
+        folder.check_stream(stream)
+        rows = folder.read_rows(scenario.num_tasks)
+        while rows and not folder.checkpoint(len(rows) - 1).is_file():
+            rows.pop()  # a row is only kept with its checkpoint
+    else:
+        created = not folder.path.exists()
+        folder.lock()
+        if folder.config.exists():  # another process finished a run here meanwhile
+            raise ConfigError(f"run folder {folder.path} already holds a run; choose another --out")
+        try:
+            atomic_write_text(folder.config, save_config(cfg))
+            folder.write_stream(stream)
+        except OSError as e:
+            if created:
+                shutil.rmtree(folder.path, ignore_errors=True)
+            raise ResultsWriteError(f"cannot write the run folder {folder.path}: {e}") from None
 
-    # ---- the run folder
-    main = dist.is_main()
-    created = not run_dir.exists()
-    handler = None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", save_config(cfg))
-        handler = logging.FileHandler(run_dir / "run.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
+    # ---- the run
+    handler = _RunLog(folder.path / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
     start = len(rows)
-    log.info("run folder %s; %s on %s with %s; tasks %s%s", run_dir, cfg.method.name,
-             cfg.dataset.name, cfg.backbone.name, scenario.sizes,
-             f"; resuming after task {start - 1}" if start else "")
+    log.info("run folder %s; %s on %s with %s; task sizes %s (tasks 0-%d)%s", folder.path,
+             cfg.method.name, cfg.dataset.name, cfg.backbone.name, scenario.sizes,
+             scenario.num_tasks - 1, f"; resuming after task {start - 1}" if start else "")
     metrics = summarize(header, rows)
+    task_index = start
     try:
         for task in scenario.tasks:
-            seed_everything(cfg.seed + task.index)
+            task_index = task.index
+            seed_everything(task_seed(cfg.seed, task.index))
             learner.before_task(task)
             if task.index < start:
                 if task.index == start - 1:
-                    load_checkpoint(run_dir, task.index, learner)
+                    folder.load_checkpoint(task.index, learner, cfg.method.name)
                 continue
             if max_tasks is not None and len(rows) >= max_tasks:
                 break
-            t0, f0 = time.perf_counter(), data.cache.compute_s
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            learner.train_task(task)
-            learner.after_task(task)
-            pred, y = predict_seen(learner, task, cfg.eval_batch_size)
-            old, new = old_new_accuracy(pred, y, task.start)
-            bounds = [0] + [t.end for t in scenario.tasks[: task.index + 1]]
-            rows.append({
-                "task": task.index,
-                "seen_classes": task.end,
-                "accuracy": accuracy(pred, y),
-                "accuracy_row": accuracy_row(pred, y, bounds, scenario.num_tasks),
-                "old_acc": old,
-                "new_acc": new,
-                "time_s": time.perf_counter() - t0,
-                "feature_time_s": data.cache.compute_s - f0,
-                "peak_memory_mb": peak_memory_mb(device),
-            })
+            rows.append(_train_and_evaluate(learner, task, scenario, data, memory, cfg))
             metrics = summarize(header, rows)
-            if main:
-                save_checkpoint(run_dir, task.index, learner, {"method": cfg.method.name})
-                atomic_write_json(run_dir / "metrics.json", metrics)
-                plot_run(metrics, run_dir / "accuracy.png")
-                if not cfg.keep_all_checkpoints and task.index > 0:  # only after metrics.json
-                    checkpoint_path(run_dir, task.index - 1).unlink(missing_ok=True)
-            log.info("task %d/%d: %d classes, accuracy %.2f%% (%.1fs)", task.index + 1,
-                     scenario.num_tasks, task.end, rows[-1]["accuracy"], rows[-1]["time_s"])
-    except BaseException:
-        if main and created and not rows and run_dir.exists():
-            if handler is not None:
-                log.removeHandler(handler)
-                handler.close()
-                handler = None
-            shutil.rmtree(run_dir)  # nothing finished: leave no half-written folder
+            _save_task(folder, task.index, learner, cfg, metrics)
+            r = rows[-1]
+            log.info("task %d done (tasks 0-%d): %d classes seen, accuracy %.2f%% (%.1f s)",
+                     task.index, scenario.num_tasks - 1, task.end, r["accuracy"], r["time_s"])
+    except BaseException as e:
+        kept = len(rows) if not isinstance(e, ResultsWriteError) else _saved_rows(folder)
+        removed = kept == 0 and not resuming
+        log.removeHandler(handler)
+        handler.close()
+        if removed:  # nothing finished: leave no half-written folder
+            _remove_run_files(folder, created)
+        where = (f"nothing had finished, so the run folder {folder.path} was removed" if removed
+                 else f"{_saved(kept)} in {folder.path}" if kept
+                 else f"no task is saved in {folder.path}")
+        resume_hint = "" if removed else f"; continue with `ptcl run --resume {folder.path}`"
+        if isinstance(e, KeyboardInterrupt):
+            raise RunInterrupted(f"interrupted during task {task_index}; {where}{resume_hint}") from None
+        if isinstance(e, ResultsWriteError):
+            raise ResultsWriteError(f"{e}; {where}; free space (or fix the folder){resume_hint}") from None
+        if isinstance(e, PtclError):
+            raise type(e)(f"task {task_index}: {e}; {where}") from e
         raise
-    finally:
-        if handler is not None:
-            log.info("results:\n%s", task_table(metrics))
-            log.removeHandler(handler)
-            handler.close()
-    return {**metrics, "run_dir": str(run_dir)}
+    log.info("results:\n%s", task_table(metrics), extra=FILE_ONLY)
+    log.removeHandler(handler)
+    handler.close()
+    return {**metrics, "run_dir": str(folder.path)}
+
+
+def _train_and_evaluate(learner, task, scenario, data, memory: TaskMemory, cfg: RunConfig) -> dict:
+    t0, f0 = time.perf_counter(), data.cache.compute_s
+    memory.start()
+    log.info("task %d: training on classes %d-%d", task.index, task.start, task.end - 1)
+    learner.train_task(task)
+    learner.after_task(task)
+    pred, y = predict_seen(learner, task, cfg.eval_batch_size)
+    old, new = old_new_accuracy(pred, y, task.start)
+    bounds = [0] + [t.end for t in scenario.tasks[: task.index + 1]]
+    return {
+        "task": task.index,
+        "seen_classes": task.end,
+        "accuracy": accuracy(pred, y),
+        "accuracy_row": accuracy_row(pred, y, bounds, scenario.num_tasks),
+        "old_acc": old,
+        "new_acc": new,
+        "time_s": time.perf_counter() - t0,
+        "feature_time_s": data.cache.compute_s - f0,
+        "peak_memory_mb": memory.peak_mb(),
+    }
+
+
+def _save_task(folder: RunFolder, index: int, learner, cfg: RunConfig, metrics: dict) -> None:
+    """Checkpoint, then metrics, then plot; a write failure becomes one line."""
+    with isolated_rng():
+        try:
+            save_checkpoint(folder.path, index, learner, {"method": cfg.method.name})
+            atomic_write_json(folder.metrics, metrics)
+            plot_run(metrics, folder.path / "accuracy.png")
+            if not cfg.keep_all_checkpoints and index > 0:  # only after metrics.json
+                folder.checkpoint(index - 1).unlink(missing_ok=True)
+        except (OSError, SafetensorError) as e:
+            what = "the disk is full" if is_disk_full(e) else str(e)
+            raise ResultsWriteError(f"cannot write the results of task {index} into {folder.path}: {what}") from None
+
+
+def _remove_run_files(folder: RunFolder, created: bool) -> None:
+    """Remove a run that finished no task: the whole folder if this run created it, else
+    only the files it wrote (the folder may hold the user's other files)."""
+    if created:
+        shutil.rmtree(folder.path, ignore_errors=True)
+        return
+    for name in ("config.yaml", "stream.json", "metrics.json", "run.log", "accuracy.png", ".lock"):
+        (folder.path / name).unlink(missing_ok=True)
+    shutil.rmtree(folder.path / "checkpoints", ignore_errors=True)
+
+
+def _saved_rows(folder: RunFolder) -> int:
+    """How many finished tasks ``metrics.json`` holds with their checkpoint on disk."""
+    import json
+
+    try:
+        rows = json.loads(folder.metrics.read_text()).get("rows", [])
+    except (OSError, ValueError, AttributeError):
+        return 0
+    n = len(rows)
+    while n and not folder.checkpoint(n - 1).is_file():
+        n -= 1
+    return n

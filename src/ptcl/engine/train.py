@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import clip_grad_norm_
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ptcl.config import TrainConfig
+from ptcl.errors import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ def fit(
 
     The scheduler steps once per epoch (cosine over the epochs, as in LAMDA-PILOT).
     Returns the mean loss of each epoch.
+
+    Raises :class:`~ptcl.errors.TrainingDiverged` at the first step whose loss is NaN or
+    infinite (before that step changes any weight), naming the epoch and step.
     """
     epochs = cfg.epochs if epochs is None else epochs
     opt = make_optimizer(params, cfg)
@@ -68,18 +73,23 @@ def fit(
     losses = []
     bar = tqdm(range(epochs), desc=desc, disable=quiet, leave=False, unit="epoch")
     for epoch in bar:
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
         total, n = 0.0, 0
-        for x, y in loader:
+        for i, (x, y) in enumerate(loader):
             x, y = to_device(x, device), y.to(device, non_blocking=True)
             loss = step(x, y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                clip = "set method.clip_grad (e.g. 1.0)" if cfg.clip_grad is None else "lower method.clip_grad"
+                raise TrainingDiverged(
+                    f"the loss became {value} in epoch {epoch + 1}/{epochs}, step {i + 1}/{len(loader)} "
+                    f"of {desc!r} (method.lr={cfg.lr:g}); lower method.lr or {clip}"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad is not None:
                 clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
             opt.step()
-            total += float(loss.detach()) * len(y)
+            total += value * len(y)
             n += len(y)
         sched.step()
         losses.append(total / max(n, 1))

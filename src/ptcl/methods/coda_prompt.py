@@ -53,6 +53,7 @@ from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.methods.l2p import PromptPoolLearner
 from ptcl.registry import METHODS
+from ptcl.seeding import generator
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,13 @@ class Components(nn.Module):
 
 
 @torch.no_grad()
-def orthogonal_rows(n: int, old: torch.Tensor) -> torch.Tensor:
+def orthogonal_rows(n: int, old: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` random unit rows orthogonal to each other and to every row of ``old``
-    ``(m, d)`` (Gram-Schmidt of Gaussian vectors, in float64)."""
+    ``(m, d)`` (Gram-Schmidt of Gaussian vectors drawn from ``generator``, in float64)."""
     d = old.shape[1]
     if old.shape[0] + n > d:
         raise ConfigError(f"cannot make {old.shape[0] + n} mutually orthogonal vectors of width {d}")
-    new = torch.randn(n, d, dtype=torch.float64)
+    new = torch.randn(n, d, dtype=torch.float64, generator=generator)
     if old.shape[0]:
         basis = torch.linalg.qr(old.detach().double().cpu().t()).Q  # (d, m): span of the old rows
         new -= (new @ basis) @ basis.t()
@@ -132,15 +133,32 @@ class CodaPrompt(PromptPoolLearner):
         if max(cfg.layers) >= depth:
             raise ConfigError(f"method.layers {cfg.layers} exceed the backbone's {depth} blocks")
         self.components = nn.ModuleList()  # one Components per task (grown in before_task)
+        scenario = getattr(ctx, "scenario", None)  # None in unit tests with a fake context
+        if scenario is not None:
+            self.components_per_task(scenario.num_tasks)
+
+    def components_per_task(self, num_tasks: int) -> int:
+        """``pool_size // num_tasks``; raises :class:`ConfigError` when that is 0 or when the
+        keys of all tasks cannot be mutually orthogonal in the feature width."""
+        cfg: CodaPromptConfig = self.cfg  # type: ignore[assignment]
+        per_task = cfg.pool_size // num_tasks
+        if per_task == 0:
+            raise ConfigError(
+                f"method.pool_size={cfg.pool_size} is smaller than the scenario's {num_tasks} tasks: "
+                f"coda_prompt gives each task pool_size // tasks components; set method.pool_size={num_tasks} (or more)"
+            )
+        d = self.backbone.feature_dim
+        if per_task * num_tasks > d:
+            raise ConfigError(
+                f"method.pool_size={cfg.pool_size} keys cannot be orthogonal in {d} dimensions "
+                f"({num_tasks} tasks of {per_task} components); set method.pool_size <= {d}"
+            )
+        return per_task
 
     def before_task(self, task: Task) -> None:
         cfg: CodaPromptConfig = self.cfg  # type: ignore[assignment]
-        per_task = cfg.pool_size // task.num_tasks
-        if per_task == 0:
-            raise ConfigError(f"method.pool_size={cfg.pool_size} is smaller than the {task.num_tasks} tasks")
+        per_task = self.components_per_task(task.num_tasks)
         d = self.backbone.feature_dim
-        if per_task * task.num_tasks > d:
-            raise ConfigError(f"method.pool_size={cfg.pool_size} keys cannot be orthogonal in {d} dimensions")
         super().before_task(task)
         self.components.append(Components(len(cfg.layers), per_task, cfg.prompt_length, self.prompting.attn_dim, d))
 
@@ -149,13 +167,14 @@ class CodaPrompt(PromptPoolLearner):
         they are detached in :meth:`gather` and not given to the optimiser)."""
         new = self.components[task.index]
         old = self.components[: task.index]
+        gen = generator(self.ctx.seed, "coda-components", task.index)
         with torch.no_grad():
             for name in ("p", "k", "a"):
                 param = getattr(new, name)
                 for j in range(param.shape[0]):
                     prev = [getattr(c, name)[j].flatten(1) for c in old]
                     prev_rows = torch.cat(prev) if prev else param.new_zeros(0, param[j].flatten(1).shape[1])
-                    rows = orthogonal_rows(param.shape[1], prev_rows)
+                    rows = orthogonal_rows(param.shape[1], prev_rows, gen)
                     param[j].copy_(rows.view_as(param[j]).to(param))
 
     def trainable(self) -> list[nn.Parameter]:

@@ -55,7 +55,15 @@ def read_metrics(run_dir: str | Path) -> dict:
     p = Path(run_dir) / "metrics.json"
     if not p.is_file():
         raise ConfigError(f"{run_dir} is not a ptcl run folder (no metrics.json)")
-    return json.loads(p.read_text())
+    try:
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is damaged (not JSON: {e})") from None
+    need = ("method", "backbone", "tasks_done", "num_tasks", "avg_acc", "last_acc", "forgetting",
+            "total_time_s", "accuracy_per_task")
+    if not isinstance(m, dict) or any(k not in m for k in need):
+        raise ConfigError(f"{p} is damaged or not a ptcl metrics file (missing keys)")
+    return m
 
 
 def compare_table(runs: dict[str, dict]) -> str:
