@@ -67,3 +67,34 @@ def small_tmpfs(tmp_path) -> Path:
         pytest.skip("cannot mount a small tmpfs here")
     yield d
     _umount(d)
+
+
+@pytest.fixture
+def readonly_copy(tmp_path):
+    """``copy(folder)``: a copy of ``folder`` on a read-only file system (root needs a
+    remounted tmpfs; a normal user gets mode 0555 folders), or the test is skipped."""
+    import shutil
+
+    mounted: list[Path] = []
+
+    def copy(folder: Path) -> Path:
+        d = tmp_path / "ro"
+        if os.geteuid() != 0:
+            shutil.copytree(folder, d / folder.name)
+            for p in [d / folder.name, *(d / folder.name).rglob("*")]:
+                if p.is_dir():
+                    p.chmod(0o555)
+            return d / folder.name
+        if not _mount_tmpfs(d, "size=64m"):
+            pytest.skip("cannot mount a tmpfs here")
+        mounted.append(d)
+        shutil.copytree(folder, d / folder.name)
+        import subprocess
+
+        if subprocess.run(["mount", "-o", "remount,ro", str(d)], capture_output=True).returncode:
+            pytest.skip("cannot remount the tmpfs read-only")
+        return d / folder.name
+
+    yield copy
+    for d in mounted:
+        _umount(d)

@@ -412,3 +412,33 @@ def test_run_and_resume_from_other_directories(tmp_path, monkeypatch, capsys):
     assert f"root: {tmp_path / 'project' / 'data'}" in (run_dir / "config.yaml").read_text()
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--resume", str(run_dir), "-q"]) == 0, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- review follow-ups
+
+
+def test_integers_follow_yaml_1_2():
+    from ptcl.config import yaml_load
+
+    assert yaml_load("a: 012\nb: 0o17\nc: 0x1f\nd: 1_000\ne: -5") == {"a": 12, "b": 15, "c": 31, "d": 1000, "e": -5}
+    assert yaml_load("a: 1:30\nb: 1:30.5") == {"a": "1:30", "b": "1:30.5"}  # no sexagesimal
+    assert build_config(None, ["seed=012"]).seed == 12
+    with pytest.raises(ConfigError, match="method.epochs must be an integer"):
+        build_config(None, ["method=finetune", "method.epochs=1:30"])
+
+
+def test_numpy_scalars_from_python():
+    import numpy as np
+
+    cfg = build_config({"seed": np.int64(5), "method": {"name": "finetune", "lr": np.float32(0.5)}})
+    assert cfg.seed == 5 and type(cfg.seed) is int and cfg.method.lr == 0.5 and type(cfg.method.lr) is float
+
+
+def test_scenario_is_not_a_named_section():
+    with pytest.raises(ConfigError, match="section 'scenario' must be a mapping of options, got 5"):
+        build_config(None, ["scenario=5"])
+
+
+def test_projection_seed_range():
+    with pytest.raises(ConfigError, match="method.projection_seed must be an integer in"):
+        build_config(None, ["method=ranpac", "method.projection_seed=-1"])

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from ptcl.errors import PtclError
+from ptcl.errors import PtclError, one_line
 
 log = logging.getLogger("ptcl")
 
@@ -64,7 +65,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise PtclError("--resume takes no config or overrides: the run folder's config.yaml is used")
     if a.resume is not None and a.out is not None:
         raise PtclError("--resume continues RUN_DIR in place; it cannot be combined with --out")
-    m = run(config, overrides, out=a.out, resume=a.resume, quiet=a.quiet, max_tasks=a.max_tasks)
+    if a.from_task is not None and a.resume is None:
+        raise PtclError("--from-task is for --resume: it names the finished task to continue after")
+    m = run(config, overrides, out=a.out, resume=a.resume, quiet=a.quiet, max_tasks=a.max_tasks,
+            from_task=a.from_task)
     _out(task_table(m))
     _out(f"run folder: {m['run_dir']}")
     return 0
@@ -92,15 +96,19 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from ptcl.report.plots import plot_curves
     from ptcl.report.results import compare_table, read_metrics
 
+    plot = None
     if a.plot is not None:
-        why = writable_dir_error(Path(a.plot).expanduser().parent, "the folder of --plot")
-        if why or Path(a.plot).is_dir():
-            raise PtclError(f"{why or f'--plot {a.plot} is a folder'}; give a writable PNG path")
+        plot = Path(os.path.realpath(Path(a.plot).expanduser()))  # write through a symlink
+        why = writable_dir_error(plot.parent, "the folder of --plot")
+        if why is None and plot.exists() and not plot.is_file():
+            why = f"--plot {a.plot} exists and is not a regular file"
+        if why:
+            raise PtclError(f"{why}; give a writable PNG path")
     runs = {str(Path(r)): read_metrics(r) for r in a.runs}
     _out(compare_table(runs))
-    if a.plot is not None:
+    if plot is not None:
         try:
-            plot_curves({f"{m['method']} ({Path(k).name})": m for k, m in runs.items()}, a.plot)
+            plot_curves({f"{m['method']} ({Path(k).name})": m for k, m in runs.items()}, plot)
         except OSError as e:
             raise PtclError(f"cannot write the plot {a.plot}: {e}") from None
         _out(f"plot: {a.plot}")
@@ -115,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<method>_<dataset>_<time>)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     r.add_argument("--max-tasks", type=int, help="stop (resumably) after this many tasks")
+    r.add_argument("--from-task", type=int, metavar="TASK",
+                   help="with --resume: continue after this finished task (its checkpoint must be "
+                        "kept), dropping the records of later tasks")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     r.set_defaults(fn=cmd_run)
     ls = sub.add_parser("list", help="list registered components")
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except PtclError as e:
-        sys.stderr.write(f"ptcl: error: {e}\n")
+        sys.stderr.write(f"ptcl: error: {one_line(e)}\n")
         return 2
     except KeyboardInterrupt as e:
         sys.stderr.write(f"ptcl: {getattr(e, 'message', 'interrupted')}\n")

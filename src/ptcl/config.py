@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 import types
@@ -264,21 +265,36 @@ class RunConfig:
 
 
 class _Loader(yaml.SafeLoader):
-    """``safe_load`` with YAML 1.2's floats: PyYAML's YAML 1.1 rule reads ``1e-3``,
-    ``5E-4``, ``1.0e30`` and ``-.5`` as strings."""
+    """``safe_load`` with YAML 1.2's numbers: PyYAML's YAML 1.1 rules read ``1e-3``,
+    ``5E-4``, ``1.0e30`` and ``-.5`` as strings, ``012`` as octal 10 and ``1:30`` as 90."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
+    """YAML 1.2 core integers: decimal (leading zeros too), ``0o`` octal, ``0x`` hex."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    body = text.lstrip("+-")
+    if body[:2] in ("0o", "0x"):
+        return sign * int(body[2:], 8 if body[1] == "o" else 16)
+    return sign * int(body, 10)
 
 
 _Loader.yaml_implicit_resolvers = {
-    ch: [r for r in rs if r[0] != "tag:yaml.org,2002:float"]
+    ch: [r for r in rs if r[0] not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")]
     for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
             |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
             |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-            |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
             |[-+]?\.(?:inf|Inf|INF)
             |\.(?:nan|NaN|NAN))$""",
         re.X,
@@ -338,7 +354,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = raw
         if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
             value = raw  # a block collection (`cuda:`, `- a`) is text; only flow ones are values
-        if key in SECTIONS:  # shorthand: method=simplecil
+        if key in SECTIONS and key != "scenario":  # shorthand: method=simplecil
             key = f"{key}.name"
         set_dotted(out, key, value)
     return out
@@ -376,14 +392,13 @@ def _normalise(data: Any, what: str) -> dict[str, Any]:
         v = out[sec]
         if v is None:
             out[sec] = {}
-        elif isinstance(v, str):
+        elif isinstance(v, str) and sec != "scenario":  # the scenario has no name
             out[sec] = {"name": v}
         elif isinstance(v, Mapping):
             out[sec] = dict(v)
         else:
-            raise ConfigError(
-                f"config section {sec!r} must be a mapping of options (or a {sec} name), got {v!r}"
-            )
+            named = "" if sec == "scenario" else f" (or a {sec} name)"
+            raise ConfigError(f"config section {sec!r} must be a mapping of options{named}, got {v!r}")
     return out
 
 
@@ -520,13 +535,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)  # numpy integers from the Python API too
         if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INT:
             return int(value)  # 1e3 -> 1000
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
             try:
                 out = float(value)
             except OverflowError:

@@ -38,3 +38,17 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+def one_line(e: BaseException) -> str:
+    """``e``'s message on one line. An error re-raised by a data-loader worker carries the
+    worker's traceback in its message; only the original message is kept."""
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        last = lines[-1].strip()
+        for prefix in (f"{type(e).__module__}.{type(e).__name__}: ", f"{type(e).__name__}: "):
+            if last.startswith(prefix):
+                return last[len(prefix):]
+        return last
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())

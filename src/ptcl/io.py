@@ -173,14 +173,19 @@ def writable_dir_error(path: str | os.PathLike, what: str) -> str | None:
     Checks that ``path`` is not a file, that no part of it is a file, and that the nearest
     existing folder is writable (``os.access``; root bypasses permission bits).
     """
-    p = Path(path).expanduser()
+    try:
+        p = Path(path).expanduser()
+    except RuntimeError as e:  # ~user of an unknown user
+        return f"{what} {path}: {e}"
     if p.exists() and not p.is_dir():
         return f"{what} {p} exists and is not a folder"
     q = p
-    while not q.exists():
+    while not os.path.lexists(q):
         if q.parent == q:
             break
         q = q.parent
+    if q.is_symlink() and not q.exists():
+        return f"{what} {p} is or lies below {q}, a dangling (or looping) symbolic link"
     if q.exists() and not q.is_dir():
         return f"{what} {p} lies below {q}, which is a file"
     if not os.access(q, os.W_OK | os.X_OK):

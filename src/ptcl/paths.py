@@ -10,7 +10,11 @@ from ptcl.errors import ConfigError
 
 def cache_root() -> Path:
     """``$PTCL_CACHE_DIR`` or ``~/.cache/ptcl`` (not created)."""
-    return Path(os.environ.get("PTCL_CACHE_DIR") or Path.home() / ".cache" / "ptcl").expanduser()
+    raw = os.environ.get("PTCL_CACHE_DIR") or str(Path.home() / ".cache" / "ptcl")
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError as e:  # ~user of an unknown user
+        raise ConfigError(f"PTCL_CACHE_DIR={raw}: {e}; set it to a writable folder") from None
 
 
 def cache_dir(*parts: str) -> Path:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from ptcl.errors import DataError
-from ptcl.io import dir_mode, remove_stale_tmp, tmp_prefix
+from ptcl.io import dir_mode, is_disk_full, remove_stale_tmp, tmp_prefix
 from ptcl.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ def extract_once(archive: str | os.PathLike[str]) -> Path:
         raise
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise DataError(f"cannot extract archive {src} into {parent}: the disk is full; free "
+                            "space or set PTCL_CACHE_DIR to a folder with room") from None
         raise DataError(f"cannot extract archive {src}: {e}; the file may be corrupt") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -157,6 +157,11 @@ class ImageSet:
         try:
             with Image.open(s) as img:
                 return to_rgb(img, s)
+        except Image.DecompressionBombError as e:
+            raise DataError(
+                f"image file {s} is too large to decode safely ({e}); shrink or remove it, or "
+                "raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+            ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             name = f"{s} (a link to {os.path.realpath(s)})" if os.path.islink(s) else s
             raise DataError(

@@ -30,8 +30,8 @@ from ptcl.engine.checkpoint import save_checkpoint
 from ptcl.engine.data import DataManager
 from ptcl.engine.evaluate import predict_seen
 from ptcl.engine.resources import TaskMemory
-from ptcl.engine.rundir import RunFolder, check_out_dir, stream_identity
-from ptcl.errors import ConfigError, PtclError, ResultsWriteError, RunInterrupted
+from ptcl.engine.rundir import ResumeError, RunFolder, check_out_dir, stream_identity
+from ptcl.errors import ConfigError, PtclError, ResultsWriteError, RunInterrupted, one_line
 from ptcl.io import atomic_write_json, atomic_write_text, is_disk_full, remove_stale_tmp
 from ptcl.methods.base import LearnerContext
 from ptcl.metrics import accuracy, accuracy_row, old_new_accuracy
@@ -83,6 +83,7 @@ def run(
     quiet: bool = False,
     max_tasks: int | None = None,
     cache: FeatureCache | None = None,
+    from_task: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a class-incremental experiment and return its metrics.
 
@@ -90,7 +91,9 @@ def run(
     are relative to the file), or ``None`` (the embedded default). ``overrides``:
     ``key=value`` strings. ``out``: the run folder (default ``runs/<method>_<dataset>_<time>``).
     ``resume``: an interrupted run folder to continue (``out`` must then be ``None``).
-    ``max_tasks``: stop (resumably) after this many finished tasks.
+    ``max_tasks``: stop (resumably) after this many finished tasks. ``from_task`` (with
+    ``resume``): continue after this finished task, whose checkpoint must be kept, dropping
+    the records of later tasks (the way out when a later checkpoint is damaged).
 
     Raises :class:`~ptcl.errors.PtclError` subclasses for anything the user can fix (bad
     config, busy or damaged run folder, changed dataset on resume, diverged training, full
@@ -99,15 +102,20 @@ def run(
     dist.check_single_process()
     if max_tasks is not None and max_tasks < 1:
         raise ConfigError(f"--max-tasks must be >= 1, got {max_tasks}")
+    if from_task is not None and resume is None:
+        raise ConfigError("--from-task is for --resume: it names the finished task to continue after")
     if resume is not None:
         if out is not None:
             raise ConfigError("--resume continues RUN_DIR in place; it cannot be combined with --out")
-        folder = RunFolder(resume)
+        folder = RunFolder(check_out_dir(resume, "--resume"))
         if not folder.config.is_file():
             raise ConfigError(f"cannot resume: {folder.path} is not a ptcl run folder (no config.yaml)")
         folder.lock()
         try:
             cfg = build_config(folder.read_config_data())
+        except ConfigError as e:
+            folder.unlock()
+            raise ConfigError(f"{folder.config} (of the run to resume): {e}") from None
         except BaseException:
             folder.unlock()
             raise
@@ -120,19 +128,20 @@ def run(
                 f"`ptcl run --resume {folder.path}` or choose another --out"
             )
     try:
-        return _run(cfg, folder, resume is not None, quiet, max_tasks, cache)
+        return _run(cfg, folder, resume is not None, quiet, max_tasks, cache, from_task)
     finally:
         folder.unlock()
 
 
 def _run(
     cfg: RunConfig, folder: RunFolder, resuming: bool, quiet: bool, max_tasks: int | None,
-    cache: FeatureCache | None,
+    cache: FeatureCache | None, from_task: int | None,
 ) -> dict[str, Any]:
     # ---- set-up: everything that can fail on bad input, before writing anything
     device = dist.resolve_device(cfg.device)
     cache = cache or FeatureCache(cache_dir("features"))
-    remove_stale_tmp(cache.root)  # leftovers of killed writers (their processes are gone)
+    for leftovers in (cache.root, cache_dir("extracted")):  # of killed writers (processes gone)
+        remove_stale_tmp(leftovers)
     with isolated_rng():  # loading data and weights never shifts the run's random stream
         splits = load_dataset(cfg.dataset)
         scenario = Scenario.build(splits.num_classes, cfg.scenario.init_cls, cfg.scenario.increment,
@@ -168,9 +177,7 @@ def _run(
     created = False
     if resuming:
         folder.check_stream(stream)
-        rows = folder.read_rows(scenario.num_tasks)
-        while rows and not folder.checkpoint(len(rows) - 1).is_file():
-            rows.pop()  # a row is only kept with its checkpoint
+        rows = folder.rows_to_resume(folder.read_rows([t.end for t in scenario.tasks]), from_task)
     else:
         created = not folder.path.exists()
         folder.lock()
@@ -206,28 +213,33 @@ def _run(
             if max_tasks is not None and len(rows) >= max_tasks:
                 break
             rows.append(_train_and_evaluate(learner, task, scenario, data, memory, cfg))
+            header["peak_memory_kind"] = memory.kind()  # known once a task has measured it
             metrics = summarize(header, rows)
             _save_task(folder, task.index, learner, cfg, metrics)
             r = rows[-1]
             log.info("task %d done (tasks 0-%d): %d classes seen, accuracy %.2f%% (%.1f s)",
                      task.index, scenario.num_tasks - 1, task.end, r["accuracy"], r["time_s"])
     except BaseException as e:
-        kept = len(rows) if not isinstance(e, ResultsWriteError) else _saved_rows(folder)
-        removed = kept == 0 and not resuming
         log.removeHandler(handler)
         handler.close()
+        if isinstance(e, ResumeError):  # raised before anything was written: says it all
+            raise
+        kept = _saved_rows(folder)
+        removed = kept == 0 and not resuming
         if removed:  # nothing finished: leave no half-written folder
             _remove_run_files(folder, created)
-        where = (f"nothing had finished, so the run folder {folder.path} was removed" if removed
+        where = (f"nothing had finished, so the run folder {folder.path} was removed" if removed and created
+                 else f"nothing had finished, so the run's files in {folder.path} were removed" if removed
                  else f"{_saved(kept)} in {folder.path}" if kept
                  else f"no task is saved in {folder.path}")
         resume_hint = "" if removed else f"; continue with `ptcl run --resume {folder.path}`"
+        when = f"after task {kept - 1}" if kept > task_index else f"during task {task_index}"
         if isinstance(e, KeyboardInterrupt):
-            raise RunInterrupted(f"interrupted during task {task_index}; {where}{resume_hint}") from None
+            raise RunInterrupted(f"interrupted {when}; {where}{resume_hint}") from None
         if isinstance(e, ResultsWriteError):
             raise ResultsWriteError(f"{e}; {where}; free space (or fix the folder){resume_hint}") from None
         if isinstance(e, PtclError):
-            raise type(e)(f"task {task_index}: {e}; {where}") from e
+            raise type(e)(f"task {task_index}: {one_line(e)}; {where}") from None
         raise
     log.info("results:\n%s", task_table(metrics), extra=FILE_ONLY)
     log.removeHandler(handler)
@@ -264,8 +276,9 @@ def _save_task(folder: RunFolder, index: int, learner, cfg: RunConfig, metrics: 
             save_checkpoint(folder.path, index, learner, {"method": cfg.method.name})
             atomic_write_json(folder.metrics, metrics)
             plot_run(metrics, folder.path / "accuracy.png")
-            if not cfg.keep_all_checkpoints and index > 0:  # only after metrics.json
-                folder.checkpoint(index - 1).unlink(missing_ok=True)
+            if not cfg.keep_all_checkpoints:  # only after metrics.json
+                for t in range(index):
+                    folder.checkpoint(t).unlink(missing_ok=True)
         except (OSError, SafetensorError) as e:
             what = "the disk is full" if is_disk_full(e) else str(e)
             raise ResultsWriteError(f"cannot write the results of task {index} into {folder.path}: {what}") from None

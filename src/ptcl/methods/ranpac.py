@@ -33,6 +33,7 @@ from typing import ClassVar
 
 import torch
 
+from ptcl.config import _seed
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.ridge import RidgeHead
@@ -58,6 +59,8 @@ class RanPACConfig(FirstSessionConfig):
         super().__post_init__()
         if self.M < 0:
             raise ConfigError(f"method.M must be >= 0, got {self.M}")
+        if self.projection_seed is not None:
+            _seed(self, "method", "projection_seed")
         if self.lambda_exp_min > self.lambda_exp_max:
             raise ConfigError(
                 f"method.lambda_exp_min ({self.lambda_exp_min}) must be <= lambda_exp_max ({self.lambda_exp_max})"
