@@ -69,7 +69,7 @@ def main() -> None:
     from ptcl.data.datasets import load_dataset
     from ptcl.data.features import FeatureCache
     from ptcl.data.scenario import Scenario
-    from ptcl.engine.data import DataManager
+    from ptcl.data.server import DataManager
 
     over = [f"backbone.name={args.backbone}", "dataset.name=imagefolder", f"dataset.root={args.archive}"]
     over += [f"backbone.image_size={args.image_size}"] if args.image_size else []

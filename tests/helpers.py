@@ -16,7 +16,7 @@ from ptcl.config import build_config
 from ptcl.data.datasets import load_dataset
 from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario, Task
-from ptcl.engine.data import DataManager
+from ptcl.data.server import DataManager
 from ptcl.engine.runner import run, seed_everything
 from ptcl.methods.base import Learner, LearnerContext
 from ptcl.registry import METHODS

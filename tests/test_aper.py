@@ -11,7 +11,7 @@ from ptcl.config import build_config
 from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
 from ptcl.engine.runner import run
-from ptcl.errors import ConfigError
+from ptcl.errors import ConfigError, DataError
 from ptcl.methods.aper import Aper
 from ptcl.peft import disabled
 
@@ -137,7 +137,7 @@ def test_resume_after_task_2_gives_identical_metrics(tuning, tmp_path):
 def test_finetune_never_caches_finetuned_features_as_pretrained(tmp_path):
     over = tiny_overrides("aper", **{"method.tuning": "finetune", "method.epochs": 1, "method.batch_size": 8})
     run(None, over, out=tmp_path / "part", quiet=True, max_tasks=2)
-    with pytest.raises(RuntimeError, match="pre-trained features are not in the feature cache"):
+    with pytest.raises(DataError, match="pre-trained features are not in the feature cache"):
         run(resume=tmp_path / "part", quiet=True, cache=FeatureCache(tmp_path / "empty"))
 
 

@@ -18,6 +18,7 @@ import torch
 from helpers import CPU, fake_context, tiny_overrides, tiny_timm_vit
 from PIL import Image
 
+from ptcl import dist
 from ptcl.cli import main
 from ptcl.config import (
     BackboneConfig,
@@ -30,7 +31,6 @@ from ptcl.config import (
     save_config,
 )
 from ptcl.data.scenario import Scenario
-from ptcl.engine import dist
 from ptcl.errors import ConfigError
 from ptcl.methods.base import LearnerContext
 from ptcl.methods.coda_prompt import CodaPrompt, CodaPromptConfig

@@ -46,7 +46,7 @@ def capture(learner: DAP, what: str) -> dict[int, torch.Tensor]:
 def test_defaults_follow_the_official_code():
     cfg = build_config({"method": {"name": "dap"}}).method
     assert (cfg.num_tokens, cfg.task_emb_dim, cfg.pool_size, cfg.layers, cfg.pull_coeff) == (10, 16, 10, None, 0.1)
-    assert (cfg.optimizer, cfg.lr, cfg.adam_beta2, cfg.amsgrad, cfg.scheduler) == ("adam", 0.01, 0.9, True, "constant")
+    assert (cfg.optimizer, cfg.lr, cfg.betas, cfg.amsgrad, cfg.scheduler) == ("adam", 0.01, [0.9, 0.9], True, "constant")
     assert (cfg.epochs, cfg.batch_size, cfg.clip_grad, cfg.train_mask) == (5, 128, 1.0, True)
     with pytest.raises(ConfigError, match="exceed"):
         make(layers=[0, 4])
@@ -128,7 +128,7 @@ def test_token_maps_train_in_the_first_task_only():
     learner.before_task(Task(1, 2, 4, 10))
     learner.train_task(Task(1, 2, 4, 10))
     assert torch.equal(down.weight, w0)
-    assert not any(p is down.weight for g in learner.trainable() for p in g["params"])
+    assert not any(p is down.weight for p in learner.trainable())
 
 
 def test_task_logit_mask_keeps_the_predicted_tasks_classes():

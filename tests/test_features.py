@@ -10,7 +10,7 @@ from ptcl.config import BackboneConfig, DatasetConfig
 from ptcl.data.datasets import load_dataset
 from ptcl.data.features import FeatureCache, cache_key
 from ptcl.data.scenario import Scenario
-from ptcl.engine.data import DataManager
+from ptcl.data.server import DataManager
 
 
 def manager(tmp_path, per_class=4, image_size=None, seed=1993, weights=None):

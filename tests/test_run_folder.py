@@ -239,7 +239,7 @@ def test_a_run_folder_is_held_by_one_process(tmp_path):
 
 KILL_WHILE_WORKERS_RUN = """
 import os, signal, sys
-import ptcl.engine.train as train
+import ptcl.train.loop as train
 from ptcl.cli import main
 
 move = train.to_device

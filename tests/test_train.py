@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ptcl.config import TrainConfig
-from ptcl.engine.train import fit
 from ptcl.errors import ConfigError
+from ptcl.train.loop import fit
 
 
 def one_step(clip: float | None) -> torch.Tensor:

@@ -75,11 +75,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_list(a: argparse.Namespace) -> int:
-    import ptcl.backbones.packaged  # noqa: F401
-    import ptcl.backbones.timm_models  # noqa: F401
-    import ptcl.data.datasets  # noqa: F401
-    import ptcl.methods  # noqa: F401
-    from ptcl.registry import BACKBONES, DATASETS, METHODS
+    from ptcl import BACKBONES, DATASETS, METHODS  # filled by ``import ptcl``
 
     reg = {"methods": METHODS, "backbones": BACKBONES, "datasets": DATASETS}[a.what]
     for name in reg.names():

@@ -37,6 +37,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from ptcl.errors import ConfigError
+from ptcl.registry import METHODS as DEFAULT_METHODS
+from ptcl.registry import Registry
 
 SECTIONS = ("method", "backbone", "dataset", "scenario")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
@@ -152,23 +154,40 @@ class TrainConfig(MethodConfig):
     """Options shared by methods that train with SGD-style optimisers.
 
     ``epochs``, ``lr``, ``batch_size`` > 0; ``momentum`` in [0, 1) (SGD only);
-    ``weight_decay`` >= 0; ``clip_grad`` > 0 or null."""
+    ``weight_decay`` >= 0; ``clip_grad`` > 0 or null. The optimisers and schedules are
+    described in :mod:`ptcl.train.optim`."""
 
     epochs: int = 10
     lr: float = 0.01
     batch_size: int = 32
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw (torch's default)
+    eps: float = 1e-8  # adam/adamw (torch's default)
+    amsgrad: bool = False  # adam/adamw
     weight_decay: float = 0.0
-    scheduler: Literal["cosine", "constant"] = "cosine"
+    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = "cosine"
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs where the lr drops
+    lr_decay: float = 0.1  # multistep: lr factor at each milestone
+    warmup_steps: int = 0  # linear warmup over the first optimiser steps (not with cosine)
     clip_grad: float | None = None  # max global gradient norm of every step; null: no clipping
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "epochs", "lr", "batch_size")
+        _positive(self, "epochs", "lr", "batch_size", "eps", "lr_decay")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"method.momentum must be in [0, 1), got {self.momentum!r}")
-        _at_least(self, "method", 0, "weight_decay")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ConfigError("method.nesterov needs method.optimizer=sgd and method.momentum > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"method.betas must be two numbers in [0, 1), got {self.betas!r}")
+        _at_least(self, "method", 0, "weight_decay", "warmup_steps")
+        if any(m <= 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
+            raise ConfigError(f"method.milestones must be increasing positive epochs, got {self.milestones}")
+        if self.warmup_steps and self.scheduler == "cosine":
+            raise ConfigError("method.warmup_steps needs a per-step schedule: method.scheduler=cosine_step, "
+                              "multistep or constant")
         if self.clip_grad is not None:
             _positive(self, "clip_grad")
 
@@ -232,7 +251,7 @@ class ScenarioConfig:
 class RunConfig:
     """A whole run. ``seed``: class order and every random draw (an integer in
     [0, 2**32 - 1]); ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether
-    it exists here is checked by :func:`ptcl.engine.dist.resolve_device`);
+    it exists here is checked by :func:`ptcl.dist.resolve_device`);
     ``eval_batch_size`` >= 1; ``num_workers`` (data-loader processes) >= 0."""
 
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -423,16 +442,18 @@ def build_config(
     data: Mapping[str, Any] | None = None,
     overrides: list[str] | None = None,
     base_dir: str | os.PathLike | None = None,
+    methods: Registry | None = None,
 ) -> RunConfig:
     """Validate ``data`` (+ ``key=value`` overrides) into a :class:`RunConfig`.
 
     Relative paths in ``data`` are relative to ``base_dir`` (default: ``data.base_dir``
     when ``data`` comes from :func:`load_file`, i.e. the config file's folder, else the
     current directory); those in ``overrides`` to the current directory.
+    ``methods``: the registry the method section is looked up in (default
+    :data:`ptcl.registry.METHODS`, filled by ``import ptcl``).
     Raises :class:`ConfigError` naming the first bad key and what is valid.
     """
-    import ptcl.methods  # noqa: F401  (registers the methods)
-    from ptcl.registry import METHODS
+    METHODS = methods if methods is not None else DEFAULT_METHODS  # noqa: N806
 
     if base_dir is None:
         base_dir = getattr(data, "base_dir", None)

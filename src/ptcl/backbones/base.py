@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ptcl.data.transforms import build_transform
+from ptcl.backbones.transforms import build_transform
+
+TUNING_PREFIX = "tuning_"
+"""Children of the timm model whose names start with this are attached tuning modules
+(:mod:`ptcl.peft`); they have a boolean ``enabled`` switch."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,32 @@ class Backbone(nn.Module):
             self._fingerprint = self.state_fingerprint()
         return self._fingerprint
 
+    def attachments(self) -> list[nn.Module]:
+        """The tuning modules attached to the model (children named ``tuning_*``)."""
+        return [m for name, m in self.model.named_modules()
+                if name.rsplit(".", 1)[-1].startswith(TUNING_PREFIX)]
+
+    @contextmanager
+    def pretrained(self, check: bool = True) -> Iterator[None]:
+        """Within the block every attached tuning module is bypassed: the model computes its
+        pre-trained output (same object, no copy). With ``check`` (it hashes every weight)
+        raises ``RuntimeError`` if the pre-trained weights themselves have changed (full
+        fine-tuning): the pre-trained output cannot be computed any more."""
+        if check and self.state_fingerprint(skip_tuning=True) != self.fingerprint():
+            raise RuntimeError(
+                f"the pre-trained weights of {self.name} have changed (full fine-tuning), so its "
+                "pre-trained features cannot be computed any more; request them before training "
+                "the backbone, or rerun with the feature cache enabled"
+            )
+        switched = [m for m in self.attachments() if getattr(m, "enabled", False)]
+        for m in switched:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m in switched:
+                m.enabled = True
+
     def state_fingerprint(self, skip_tuning: bool = False) -> str:
         """Hash of the model's current state, not cached. Attached tuning modules
         (``tuning_*`` children, see :mod:`ptcl.peft`) are included unless ``skip_tuning``:
@@ -79,7 +111,7 @@ class Backbone(nn.Module):
         unchanged."""
         h = hashlib.sha256(f"{self.name}|{self.preprocess}".encode())
         for k, v in sorted(self.model.state_dict().items()):
-            if skip_tuning and any(part.startswith("tuning_") for part in k.split(".")):
+            if skip_tuning and any(part.startswith(TUNING_PREFIX) for part in k.split(".")):
                 continue
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

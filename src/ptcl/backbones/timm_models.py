@@ -156,8 +156,6 @@ def build_vit_tiny_test(cfg: BackboneConfig) -> Backbone:
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     """A registered backbone, or any timm model by name."""
-    import ptcl.backbones.packaged  # noqa: F401  (registers the offline backbones)
-
     if cfg.name in BACKBONES:
         bb = BACKBONES.get(cfg.name)(cfg)
     elif is_timm_model(cfg.name):

@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ptcl.data.scenario import Task
-from ptcl.engine.train import to_device
 from ptcl.errors import TrainingDiverged
 from ptcl.methods.base import Learner
 from ptcl.seeding import isolated_rng
+from ptcl.train.loop import to_device
 
 
 def eval_dataset(learner: Learner, classes: range) -> Dataset:
-    """Test samples of ``classes`` in the form ``learner.predict`` takes."""
-    data = learner.ctx.data
-    if learner.input_kind == "features":
-        return TensorDataset(*learner.features("test", classes))
-    if learner.input_kind == "images+features":
-        return data.images_with_features("test", classes, train_transform=False)
-    return data.images("test", classes, train_transform=False)
+    """Test samples of ``classes`` in the form ``learner.predict`` takes (the learner says)."""
+    return learner.eval_dataset(classes)
 
 
 @torch.no_grad()

@@ -19,15 +19,14 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from ptcl import __version__
+from ptcl import __version__, dist
 from ptcl.backbones import build_backbone
 from ptcl.config import RunConfig, build_config, load_file, save_config
 from ptcl.data.datasets import load_dataset
 from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
-from ptcl.engine import dist
+from ptcl.data.server import DataManager
 from ptcl.engine.checkpoint import save_checkpoint
-from ptcl.engine.data import DataManager
 from ptcl.engine.evaluate import predict_seen
 from ptcl.engine.resources import TaskMemory
 from ptcl.engine.rundir import ResumeError, RunFolder, check_out_dir, stream_identity

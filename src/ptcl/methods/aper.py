@@ -46,7 +46,7 @@ from ptcl.heads.class_statistics import class_means
 from ptcl.heads.linear import CosineHead
 from ptcl.methods import adapt
 from ptcl.methods.adapt import FirstSessionConfig, Tuning
-from ptcl.methods.base import Learner
+from ptcl.methods.base import FEATURES, Learner
 from ptcl.peft import TuningHandle, disabled
 from ptcl.registry import METHODS
 
@@ -102,7 +102,7 @@ class Aper(Learner):
     """APER: first-session tuning, then a cosine classifier of concatenated prototypes."""
 
     config_cls = AperConfig
-    input_kind = "features"
+    inputs = FEATURES
 
     def __init__(self, cfg: AperConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)

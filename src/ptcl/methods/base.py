@@ -11,10 +11,12 @@ Lifecycle (the engine calls these, in this order, for every task ``t``):
 ``after_task(task)``
     Post-hoc work once training is done (prototypes, statistics, merging).
 ``predict(x)``
-    Logits over all classes seen so far. ``x`` is a batch of features from
-    ``self.features`` when ``input_kind == "features"``, a batch of images when
-    ``"images"``, and a tuple ``(images, frozen_features)`` when ``"images+features"``
-    (prompt methods: the query feature comes from the cache, not a second forward pass).
+    Logits over all classes seen so far. ``x`` is a batch of what the learner's
+    ``inputs`` serves (:meth:`Learner.eval_dataset`): features from ``self.features``
+    (:data:`FEATURES`), images (:data:`IMAGES`), or a tuple ``(images, frozen_features)``
+    (:data:`IMAGES_AND_FEATURES`: prompt methods read the query feature from the cache, not
+    from a second forward pass). A new input form is a new :class:`Inputs`; the engine
+    only calls ``eval_dataset``.
 
 Constructors store; lifecycle methods compute.
 """
@@ -23,24 +25,68 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from ptcl.backbones.base import Backbone
 from ptcl.config import MethodConfig, TrainConfig
 from ptcl.data.scenario import Scenario, Task
-from ptcl.engine.data import DataManager
-from ptcl.engine.train import fit
+from ptcl.data.server import DataManager
 from ptcl.errors import ConfigError
+from ptcl.train.callbacks import Callback
+from ptcl.train.loop import fit
 
 
 def require_vit(backbone: Backbone, what: str, hint: str = "") -> None:
     """Raise a :class:`ConfigError` unless ``backbone`` is a ViT; ``what`` names who needs it."""
     if backbone.kind != "vit":
         raise ConfigError(f"{what} needs a ViT backbone; {backbone.name} is a CNN{hint}")
+
+
+class Inputs:
+    """How a learner's batches are served: ``dataset(learner, split, classes, train)``
+    returns the samples of ``classes`` in ``split`` in the form ``predict`` takes (with the
+    train augmentation where ``train``)."""
+
+    name = "inputs"
+
+    def dataset(self, learner: Learner, split: str, classes: Sequence[int] | range, train: bool = False) -> Dataset:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class _Images(Inputs):
+    name = "images"
+
+    def dataset(self, learner, split, classes, train=False):
+        return learner.ctx.data.images(split, classes, train_transform=train)
+
+
+class _Features(Inputs):
+    name = "features"
+
+    def dataset(self, learner, split, classes, train=False):
+        return TensorDataset(*learner.features(split, classes))
+
+
+class _ImagesAndFeatures(Inputs):
+    name = "images+features"
+
+    def dataset(self, learner, split, classes, train=False):
+        return learner.ctx.data.images_with_features(split, classes, train_transform=train)
+
+
+IMAGES: Inputs = _Images()
+"""Batches of transformed images."""
+FEATURES: Inputs = _Features()
+"""Batches of :meth:`Learner.features` (default: cached frozen pre-trained features)."""
+IMAGES_AND_FEATURES: Inputs = _ImagesAndFeatures()
+"""Batches of ``(images, cached frozen features of the same images)``."""
 
 
 @dataclass
@@ -58,7 +104,7 @@ class Learner(nn.Module):
     """Base class of all methods. See the module docstring for the lifecycle."""
 
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
-    input_kind: ClassVar[Literal["features", "images", "images+features"]] = "images"
+    inputs: ClassVar[Inputs] = IMAGES
     #: True when the method changes the pre-trained backbone's own weights (checkpoints then
     #: store them). Subclasses set it per class or per instance (in ``__init__``).
     updates_backbone: bool = False
@@ -86,9 +132,13 @@ class Learner(nn.Module):
         raise NotImplementedError
 
     def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
-        """The features ``predict`` takes when ``input_kind == "features"`` (default: the
-        cached frozen pre-trained features). Override to serve e.g. adapted features."""
+        """The features ``predict`` takes with ``inputs = FEATURES`` (default: the cached
+        frozen pre-trained features). Override to serve e.g. adapted features."""
         return self.ctx.data.features(split, classes)
+
+    def eval_dataset(self, classes: Sequence[int] | range) -> Dataset:
+        """Test samples of ``classes`` in the form :meth:`predict` takes."""
+        return self.inputs.dataset(self, "test", classes)
 
     # -- helpers for subclasses ---------------------------------------------------------
     @property
@@ -104,11 +154,13 @@ class Learner(nn.Module):
         epochs: int | None = None,
         desc: str = "train",
         seed: int = 0,
+        callbacks: Sequence[Callback] = (),
     ) -> list[float]:
-        """Run the engine's train loop over ``dataset`` with this method's options."""
+        """Run the one train loop (:func:`ptcl.train.fit`) over ``dataset`` (shuffled with
+        the run seed + ``seed``) with this method's options (or ``cfg``)."""
         cfg = cfg or self.cfg  # type: ignore[assignment]
         loader = self.ctx.data.loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
-        return fit(self, loader, step, params, cfg, self.device, epochs, desc, self.ctx.quiet)
+        return fit(self, loader, step, params, cfg, self.device, epochs, desc, self.ctx.quiet, callbacks)
 
     # -- checkpointing --------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -73,9 +73,9 @@ class DAPConfig(PromptPoolConfig):
     lr: float = 0.01
     batch_size: int = 128
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    adam_beta2: float = 0.9  # official BETA2 (beta1 0.9)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.9])  # official BETA1 / BETA2
     amsgrad: bool = True
-    scheduler: Literal["cosine", "constant"] = "constant"
+    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = "constant"
     clip_grad: float | None = 1.0
     pull_coeff: float = 0.1  # SIM_LAMBDA
     num_tokens: int = 10  # NUM_DAP_TOKENS
@@ -87,9 +87,7 @@ class DAPConfig(PromptPoolConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "num_tokens", "task_emb_dim", "pool_size", "adam_beta2")
-        if self.adam_beta2 >= 1:
-            raise ConfigError(f"method.adam_beta2 must be < 1, got {self.adam_beta2}")
+        _positive(self, "num_tokens", "task_emb_dim", "pool_size")
         if self.layers is not None and (
             not self.layers or len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers)
         ):
@@ -219,11 +217,8 @@ class DAP(PromptPoolLearner):
     def trainable(self) -> list:  # type: ignore[override]
         """The optimiser's parameters (the token maps only in the first task)."""
         frozen = self.cfg.freeze_generator and int(self.seen_tasks) > 1
-        params = [p for n, p in self.named_parameters()
-                  if not n.startswith("backbone.") and not (frozen and n.startswith("generators.") and ".down." in n)]
-        if self.cfg.optimizer == "adam":
-            return [{"params": params, "betas": (0.9, self.cfg.adam_beta2), "amsgrad": self.cfg.amsgrad}]
-        return params
+        return [p for n, p in self.named_parameters()
+                if not n.startswith("backbone.") and not (frozen and n.startswith("generators.") and ".down." in n)]
 
     def task_index(self, query: torch.Tensor) -> torch.Tensor:
         """``(B,)`` task of each query: the most cosine-similar key of a seen task."""

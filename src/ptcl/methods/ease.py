@@ -49,7 +49,7 @@ from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.class_statistics import class_means
 from ptcl.methods.adapt import temporary_head
-from ptcl.methods.base import Learner, require_vit
+from ptcl.methods.base import FEATURES, Learner, require_vit
 from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
 
@@ -162,7 +162,7 @@ class EASEConfig(TrainConfig):
 @METHODS.register("ease")
 class EASE(SubspaceMixin, Learner):
     config_cls = EASEConfig
-    input_kind = "features"
+    inputs = FEATURES
 
     def __init__(self, cfg: EASEConfig, backbone: Backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)

@@ -35,6 +35,7 @@ from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.gaussian import GaussianHead
 from ptcl.methods.adapt import FirstSessionConfig, FirstSessionFeatures, Tuning
+from ptcl.methods.base import FEATURES
 from ptcl.registry import METHODS
 
 
@@ -64,7 +65,7 @@ class FeCAMConfig(FirstSessionConfig):
 @METHODS.register("fecam")
 class FeCAM(FirstSessionFeatures):
     config_cls = FeCAMConfig
-    input_kind = "features"
+    inputs = FEATURES
 
     def __init__(self, cfg: FeCAMConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)

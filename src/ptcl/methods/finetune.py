@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import Learner
+from ptcl.methods.base import IMAGES, Learner
 from ptcl.registry import METHODS
 
 
@@ -42,7 +42,7 @@ class JointConfig(FinetuneConfig):
 @METHODS.register("finetune")
 class Finetune(Learner):
     config_cls = FinetuneConfig
-    input_kind = "images"
+    inputs = IMAGES
     updates_backbone = True
 
     def __init__(self, cfg: FinetuneConfig, backbone, ctx) -> None:

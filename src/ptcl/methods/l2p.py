@@ -8,7 +8,7 @@ Implemented as in the official code (google-research/l2p) and its PyTorch port
 
 * a pool of ``M = 10`` prompts of length ``L = 5`` with learnable keys, all ``U(0, 1)``;
 * the query is the frozen pre-trained ViT's CLS feature (after the final norm). It comes
-  from the feature cache (``input_kind = "images+features"``), so no second forward pass
+  from the feature cache (``inputs = IMAGES_AND_FEATURES``), so no second forward pass
   is run; the image's query is computed from its *un-augmented* view (eval transform)
   while the prompted pass sees the augmented view (the official code queries the
   augmented view) -- ``benchmarks/bench_prompt_query.py`` measures what this saves;
@@ -47,7 +47,7 @@ from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import Learner, require_vit
+from ptcl.methods.base import IMAGES_AND_FEATURES, Learner, require_vit
 from ptcl.peft.prompting import PromptInjector, PromptPool, attach_prompting
 from ptcl.registry import METHODS
 
@@ -87,7 +87,7 @@ class PromptPoolLearner(Learner):
     """
 
     config_cls = PromptPoolConfig
-    input_kind = "images+features"
+    inputs = IMAGES_AND_FEATURES
 
     def __init__(self, cfg: PromptPoolConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)

@@ -58,11 +58,12 @@ from ptcl.heads.class_statistics import (
     sample_gaussians,
 )
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import Learner
+from ptcl.methods.base import FEATURES, Learner
 from ptcl.methods.ease import SubspaceMixin, only
 from ptcl.peft import TuningHandle
 from ptcl.registry import METHODS
 from ptcl.seeding import generator
+from ptcl.train.callbacks import AfterStep
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def orth_loss(feats: torch.Tensor, old_means: torch.Tensor) -> torch.Tensor:
 @METHODS.register("mos")
 class MOS(SubspaceMixin, Learner):
     config_cls = MOSConfig
-    input_kind = "features"
+    inputs = FEATURES
     test_options = {"ca_epochs": 2}
 
     def __init__(self, cfg: MOSConfig, backbone: Backbone, ctx) -> None:
@@ -165,21 +166,17 @@ class MOS(SubspaceMixin, Learner):
         self.to(self.device)
         data = self.ctx.data.images("train", task.classes, train_transform=True)
         old_means = self.means[: task.start]
-        steps = [0]
 
         def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            if steps[0]:  # merge after every optimiser step (here: before the next forward)
-                merge_adapter(h, target, cfg.adapter_momentum)
-            steps[0] += 1
             feats = self.backbone(x)
             logits = F.linear(feats, self.head.weight[task.start :], self.head.bias[task.start :])
             return F.cross_entropy(logits, y - task.start) + cfg.reg * orth_loss(feats, old_means)
 
         groups = [{"params": h.parameters(), "lr": cfg.lr},
                   {"params": list(self.head.parameters()), "lr": cfg.lr * HEAD_LR_SCALE}]
+        merge = AfterStep(lambda _: merge_adapter(h, target, cfg.adapter_momentum))  # every step
         with only(self.handles, t):
-            losses = self.fit(data, step, groups, desc=f"task {t} adapter", seed=t)
-        merge_adapter(h, target, cfg.adapter_momentum)  # after the last step
+            losses = self.fit(data, step, groups, desc=f"task {t} adapter", seed=t, callbacks=[merge])
         h.module.requires_grad_(False)
         log.info("MOS task %d adapter: loss %.4f -> %.4f", t, losses[0], losses[-1])
 

@@ -38,6 +38,7 @@ from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.ridge import RidgeHead
 from ptcl.methods.adapt import FirstSessionConfig, FirstSessionFeatures, Tuning
+from ptcl.methods.base import FEATURES
 from ptcl.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class RanPACConfig(FirstSessionConfig):
 @METHODS.register("ranpac")
 class RanPAC(FirstSessionFeatures):
     config_cls = RanPACConfig
-    input_kind = "features"
+    inputs = FEATURES
     test_options: ClassVar[dict] = {"M": 64}
 
     def __init__(self, cfg: RanPACConfig, backbone, ctx) -> None:

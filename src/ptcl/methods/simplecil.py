@@ -19,7 +19,7 @@ from ptcl.config import MethodConfig
 from ptcl.data.scenario import Task
 from ptcl.heads.class_statistics import class_means
 from ptcl.heads.linear import CosineHead
-from ptcl.methods.base import Learner
+from ptcl.methods.base import FEATURES, Learner
 from ptcl.registry import METHODS
 
 
@@ -31,7 +31,7 @@ class SimpleCILConfig(MethodConfig):
 @METHODS.register("simplecil")
 class SimpleCIL(Learner):
     config_cls = SimpleCILConfig
-    input_kind = "features"
+    inputs = FEATURES
 
     def __init__(self, cfg: SimpleCILConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)

@@ -29,8 +29,10 @@ from the heads before alignment (``fc.backup()``/``fc.recall()``): both are kept
 in the official code (not described in the paper), the sampled means of a class learned at
 task ``t`` are scaled by ``1 - s + s (t+1)/(T+1)`` at task ``T`` (``ca_mean_shrink`` = s).
 
-Deviations: the step decay restarts the SGD momentum at each milestone (the engine's loop
-schedules per call); ``scheduler=cosine`` replaces the step decay if asked.
+The step decay is the official ``MultiStepLR`` (``scheduler=multistep``, one optimiser over
+all epochs, so the SGD momentum carries across the milestones as in the official code; an
+earlier ptcl version restarted training at each milestone and lost the momentum there).
+``scheduler=cosine`` replaces the step decay if asked.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from ptcl.heads.class_statistics import (
     sample_gaussians,
 )
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import Learner
+from ptcl.methods.base import IMAGES, Learner
 from ptcl.registry import METHODS
 from ptcl.seeding import generator
 
@@ -73,7 +75,7 @@ class SLCAConfig(TrainConfig):
     lr: float = 0.01
     batch_size: int = 128
     weight_decay: float = 5e-4
-    scheduler: Literal["cosine", "constant"] = "constant"  # constant: step decay at milestones
+    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = "multistep"
     milestones: list[int] = field(default_factory=lambda: [18])
     lr_decay: float = 0.1
     backbone_lr_scale: float = 0.01  # 0: frozen backbone (the paper's "w/o SL" ablation)
@@ -87,7 +89,7 @@ class SLCAConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for n in ("lr_decay", "ca_lr", "ca_batch_size", "ca_samples"):
+        for n in ("ca_lr", "ca_batch_size", "ca_samples"):
             if getattr(self, n) <= 0:
                 raise ConfigError(f"method.{n} must be > 0, got {getattr(self, n)!r}")
         for n in ("backbone_lr_scale", "ca_epochs", "ca_logit_norm", "cov_ridge"):
@@ -95,8 +97,6 @@ class SLCAConfig(TrainConfig):
                 raise ConfigError(f"method.{n} must be >= 0, got {getattr(self, n)!r}")
         if not 0 <= self.ca_mean_shrink < 1:
             raise ConfigError(f"method.ca_mean_shrink must be in [0, 1), got {self.ca_mean_shrink}")
-        if any(m <= 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
-            raise ConfigError(f"method.milestones must be increasing positive epochs, got {self.milestones}")
 
 
 def task_normalised_logits(logits: torch.Tensor, bounds: list[int], temperature: float) -> torch.Tensor:
@@ -111,7 +111,7 @@ def task_normalised_logits(logits: torch.Tensor, bounds: list[int], temperature:
 @METHODS.register("slca")
 class SLCA(Learner):
     config_cls = SLCAConfig
-    input_kind = "images"
+    inputs = IMAGES
     test_options = {"ca_epochs": 2, "ca_samples": 16, "ca_batch_size": 16}
 
     def __init__(self, cfg: SLCAConfig, backbone, ctx) -> None:
@@ -132,21 +132,13 @@ class SLCA(Learner):
         self.class_covs = torch.cat([self.class_covs, torch.zeros(task.num_new, dim, dim, device=dev)])
 
     # -- 1. slow learner ---------------------------------------------------------------
-    def param_groups(self, head: nn.Module, scale: float = 1.0) -> list[dict]:
+    def param_groups(self, head: nn.Module) -> list[dict]:
         """Optimiser groups: the backbone at ``lr * backbone_lr_scale``, the head at ``lr``."""
         cfg: SLCAConfig = self.cfg  # type: ignore[assignment]
-        groups = [{"params": list(head.parameters()), "lr": cfg.lr * scale}]
+        groups = [{"params": list(head.parameters()), "lr": cfg.lr}]
         if cfg.backbone_lr_scale > 0:
-            groups.insert(0, {"params": list(self.backbone.parameters()), "lr": cfg.lr * scale * cfg.backbone_lr_scale})
+            groups.insert(0, {"params": list(self.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale})
         return groups
-
-    def phases(self) -> list[tuple[int, float]]:
-        """(epochs, lr factor) of each constant-lr phase of the step schedule."""
-        cfg: SLCAConfig = self.cfg  # type: ignore[assignment]
-        if cfg.scheduler == "cosine":
-            return [(cfg.epochs, 1.0)]
-        cuts = [0, *(m for m in cfg.milestones if m < cfg.epochs), cfg.epochs]
-        return [(b - a, cfg.lr_decay**i) for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
 
     def train_task(self, task: Task) -> None:
         self.to(self.device)
@@ -160,9 +152,7 @@ class SLCA(Learner):
         def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(new(self.backbone(x)), y - task.start)  # current logits only
 
-        for i, (epochs, scale) in enumerate(self.phases()):
-            self.fit(data, step, self.param_groups(new, scale), epochs=epochs,
-                     desc=f"task {task.index}", seed=100 * task.index + i)
+        self.fit(data, step, self.param_groups(new), desc=f"task {task.index}", seed=100 * task.index)
         self.backbone.requires_grad_(False)
         with torch.no_grad():
             self.head.weight[task.start : task.end] = new.weight

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import Learner, require_vit
+from ptcl.methods.base import IMAGES, Learner, require_vit
 from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
 
@@ -50,7 +50,7 @@ class VPTSeqConfig(TrainConfig):
 @METHODS.register("vpt_seq")
 class VPTSeq(Learner):
     config_cls = VPTSeqConfig
-    input_kind = "images"
+    inputs = IMAGES
 
     def __init__(self, cfg: VPTSeqConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ptcl.backbones.base import TUNING_PREFIX
 from ptcl.errors import ConfigError
 from ptcl.registry import Registry
 
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 PEFT_METHODS: Registry = Registry("peft method")
 """Name -> :class:`TuningModule` subclass; duplicate names raise, unknown names list the valid."""
 
-PREFIX = "tuning_"
+PREFIX = TUNING_PREFIX
 
 
 class TuningModule(nn.Module):

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ptcl import dist
 from ptcl.backbones.base import Backbone
 from ptcl.data.base import DatasetSplits, ImageSet
 from ptcl.data.features import FeatureCache, extract_features
 from ptcl.data.scenario import Scenario, subset_per_class
-from ptcl.engine import dist
-from ptcl.peft.base import TuningModule
+from ptcl.errors import DataError
 from ptcl.seeding import SeededItems, SeededSampler, isolated_rng
 
 SPLITS = ("train", "test")
@@ -49,7 +49,7 @@ class _WithFeatures(Dataset):
 
 
 class _Pretrained(torch.nn.Module):
-    """The backbone's pre-trained forward: tuning modules bypassed, weights checked."""
+    """The backbone's pre-trained forward (:meth:`Backbone.pretrained`), as a module."""
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -58,22 +58,17 @@ class _Pretrained(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bb = self.backbone
-        if not self.checked:
+        if not self.checked:  # the weights are hashed once
             if bb.state_fingerprint(skip_tuning=True) != bb.fingerprint():
-                raise RuntimeError(
+                raise DataError(
                     f"the pre-trained features are not in the feature cache and the weights of "
-                    f"{bb.name} have already changed (full fine-tuning); request them before "
-                    "training the backbone, or rerun with the feature cache enabled"
+                    f"{bb.name} have already changed (full fine-tuning), so they cannot be computed "
+                    "again; resume with the original run's feature cache (PTCL_CACHE_DIR), or start "
+                    "the run again"
                 )
             self.checked = True
-        switched = [m for m in bb.modules() if isinstance(m, TuningModule) and m.enabled]
-        for m in switched:
-            m.enabled = False
-        try:
+        with bb.pretrained(check=False):
             return bb(x)
-        finally:
-            for m in switched:
-                m.enabled = True
 
 
 class DataManager:

@@ -1,10 +1,10 @@
-"""The one training loop and the optimiser / scheduler factory every method uses."""
+"""The one training loop every method uses (:func:`fit`)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -14,28 +14,10 @@ from tqdm.auto import tqdm
 
 from ptcl.config import TrainConfig
 from ptcl.errors import TrainingDiverged
+from ptcl.train.callbacks import Callback, LoopState
+from ptcl.train.optim import LRSchedule, make_optimizer
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
-    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, weight_decay=c.weight_decay),
-    "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=c.weight_decay),
-}
-
-
-def make_optimizer(params: Iterable, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``params``: tensors or param-group dicts (a group may set its own ``lr``)."""
-    params = list(params)
-    if not params:
-        raise ValueError("no trainable parameters were given to the optimiser")
-    return OPTIMIZERS[cfg.optimizer](params, cfg)
-
-
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 def to_device(x, device: torch.device):
@@ -55,12 +37,14 @@ def fit(
     epochs: int | None = None,
     desc: str = "train",
     quiet: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> list[float]:
     """Train ``module`` for ``epochs`` (default ``cfg.epochs``); ``step(x, y) -> loss``.
 
-    ``x`` may be a tuple of tensors (e.g. images and their cached query features).
-
-    The scheduler steps once per epoch (cosine over the epochs, as in LAMDA-PILOT).
+    ``loader`` yields ``(x, y)`` batches each epoch; ``x`` may be a tuple of tensors (e.g.
+    images and their cached query features). The optimiser and lr schedule come from
+    ``cfg`` (:mod:`ptcl.train.optim`); ``cfg.clip_grad`` clips the global gradient norm;
+    ``callbacks`` are called per step and per epoch (:mod:`ptcl.train.callbacks`).
     Returns the mean loss of each epoch.
 
     Raises :class:`~ptcl.errors.TrainingDiverged` at the first step whose loss is NaN or
@@ -68,11 +52,15 @@ def fit(
     """
     epochs = cfg.epochs if epochs is None else epochs
     opt = make_optimizer(params, cfg)
-    sched = make_scheduler(opt, cfg, epochs)
+    sched = LRSchedule(opt, cfg, epochs, len(loader))
+    state = LoopState(0, epochs, 0, len(loader), 0, opt)
     module.train()
     losses = []
     bar = tqdm(range(epochs), desc=desc, disable=quiet, leave=False, unit="epoch")
     for epoch in bar:
+        state.epoch, state.step = epoch, 0
+        for cb in callbacks:
+            cb.on_epoch_start(state)
         total, n = 0.0, 0
         for i, (x, y) in enumerate(loader):
             x, y = to_device(x, device), y.to(device, non_blocking=True)
@@ -84,15 +72,25 @@ def fit(
                     f"the loss became {value} in epoch {epoch + 1}/{epochs}, step {i + 1}/{len(loader)} "
                     f"of {desc!r} (method.lr={cfg.lr:g}); lower method.lr or {clip}"
                 )
+            state.step, state.loss = i, value
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for cb in callbacks:
+                cb.after_backward(state)
             if cfg.clip_grad is not None:
                 clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
             opt.step()
+            sched.after_step()
+            state.global_step += 1
+            for cb in callbacks:
+                cb.after_step(state)
             total += value * len(y)
             n += len(y)
-        sched.step()
+        sched.after_epoch()
         losses.append(total / max(n, 1))
+        state.epoch_loss = losses[-1]
+        for cb in callbacks:
+            cb.on_epoch_end(state)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         log.info("%s epoch %d/%d loss %.4f", desc, epoch + 1, epochs, losses[-1])
     module.eval()

@@ -1,0 +1,7 @@
+"""The one train loop, its optimiser / schedule factory and callbacks (used by learners)."""
+
+from ptcl.train.callbacks import AfterStep, Callback, LoopState
+from ptcl.train.loop import fit, to_device
+from ptcl.train.optim import LRSchedule, make_optimizer
+
+__all__ = ["AfterStep", "Callback", "LRSchedule", "LoopState", "fit", "make_optimizer", "to_device"]
