@@ -1,8 +1,9 @@
 """Per-class statistics with 0, 1, 2 and many samples per class: FeCAM's Gaussian head, the
 Gaussians SLCA and MOS sample from for classifier alignment, RanPAC's ridge head.
 
-Only names that existed before the small-class fix are imported at module level, so each
-test runs (and shows its fault) against the previous code too.
+The sampling helpers (``cholesky_factors``, ``sample_gaussians``) are imported from their
+home, :mod:`ptcl.heads.class_statistics` (SLCA's module re-exported them when these tests
+were written against the code before the small-class fix).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from helpers import make_learner
 
 import ptcl.methods.slca as slca_mod
 from ptcl.errors import DataError
+from ptcl.heads.class_statistics import cholesky_factors, sample_gaussians
 from ptcl.heads.gaussian import GaussianHead, normalize_cov, shrink_cov
 from ptcl.heads.ridge import RidgeHead, ridge_solutions, solve_ridge
 
@@ -176,11 +178,11 @@ def mos_with_features(tmp_path, x: torch.Tensor, y: torch.Tensor):
     learner, sc = make_learner(tmp_path, "mos", {"method.epochs": 1, "method.batch_size": 4,
                                                  "method.ca_epochs": 1})
 
-    def subspace_train(t, classes):
+    def features(split, classes, keys):
         keep = torch.isin(y, torch.tensor(list(classes)))
         return x[keep], y[keep]
 
-    learner.subspace_train = subspace_train
+    learner.experts.features = features
     return learner, sc
 
 
@@ -215,11 +217,11 @@ def test_sampled_features_of_small_classes_are_spread_like_a_class(method, n, tm
     (1 sample: covariance 1e-4 I) or onto a line (2 samples: rank one)."""
     x, y, _ = gaussian_classes([40, 40, n, n], D, seed=30 + n)
     learner, means, covs, task = gaussians_of(method, tmp_path, monkeypatch, x, y)
-    chols = slca_mod.cholesky_factors(covs[:4])
+    chols = cholesky_factors(covs[:4])
     assert torch.isfinite(chols).all()
     torch.manual_seed(0)
     labels = torch.arange(4).repeat_interleave(2000)
-    s = slca_mod.sample_gaussians(means[:4], chols, labels)
+    s = sample_gaussians(means[:4], chols, labels)
     assert torch.isfinite(s).all()
     for c in (2, 3):
         total = float(torch.cov(s[labels == c].T).diagonal().sum())
@@ -242,8 +244,8 @@ def test_small_classes_in_the_first_task(method, tmp_path, monkeypatch, warnings
     x, y, _ = gaussian_classes([1, 1], D, seed=40)
     _, means, covs, _ = gaussians_of(method, tmp_path, monkeypatch, x, y, tasks=1)
     assert torch.isfinite(covs[:2]).all() and float(covs[:2].diagonal(dim1=1, dim2=2).min()) > 1e-3
-    chols = slca_mod.cholesky_factors(covs[:2])
-    s = slca_mod.sample_gaussians(means[:2], chols, torch.arange(2).repeat_interleave(50))
+    chols = cholesky_factors(covs[:2])
+    s = sample_gaussians(means[:2], chols, torch.arange(2).repeat_interleave(50))
     assert torch.isfinite(s).all()
     assert "class 0: 1 training sample" in messages(warnings_seen)
 
@@ -264,7 +266,7 @@ def test_mos_alignment_factorises_large_scale_rank_deficient_covariances(n, tmp_
 def test_cholesky_factors_of_singular_and_indefinite_covariances():
     a = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
     covs = torch.stack([torch.zeros(32, 32), a @ a.T, torch.tensor([[0.0, 1.0], [1.0, 0.0]]).repeat(16, 16)])
-    chols = slca_mod.cholesky_factors(covs)
+    chols = cholesky_factors(covs)
     assert torch.isfinite(chols).all()
     rebuilt = chols @ chols.transpose(1, 2)
     torch.testing.assert_close(rebuilt[1], covs[1], rtol=1e-3, atol=1e-3 * float(covs[1].diagonal().mean()))
@@ -282,7 +284,7 @@ def test_sampling_gaussians_of_many_samples_are_unchanged(method, tmp_path, monk
         f = x[y == c].double()
         assert torch.equal(means[c], f.mean(0).float())
         assert torch.equal(covs[c], (torch.cov(f.T) + ridge * torch.eye(D, dtype=torch.float64)).float())
-    assert torch.equal(slca_mod.cholesky_factors(covs[:4]), torch.linalg.cholesky(covs[:4].double()).float())
+    assert torch.equal(cholesky_factors(covs[:4]), torch.linalg.cholesky(covs[:4].double()).float())
     assert messages(warnings_seen) == ""
 
 

@@ -32,13 +32,13 @@ def test_config_defaults_and_validation():
 def test_one_adapter_set_per_task_old_sets_frozen_and_subspace_features(tmp_path):
     learner, sc = make(tmp_path)
     run_task(learner, sc.tasks[0])
-    first = learner.handles[0].state_dict()
+    first = learner.experts[0].state_dict()
     assert any(v.abs().sum() > 0 for k, v in first.items() if "up.weight" in k)  # it trained
     run_task(learner, sc.tasks[1])
-    assert len(learner.handles) == 2
-    for k, v in learner.handles[0].state_dict().items():
+    assert len(learner.experts) == 2 and list(learner.experts) == [0, 1]
+    for k, v in learner.experts[0].state_dict().items():
         assert torch.equal(v, first[k]), k  # bit-identical after the next task
-    second = learner.handles[1].state_dict()
+    second = learner.experts[1].state_dict()
     assert any(not torch.equal(second[k], first[k]) for k in first)  # a new, separate set
 
     feats, labels = learner.features("test", range(4))
@@ -48,9 +48,9 @@ def test_one_adapter_set_per_task_old_sets_frozen_and_subspace_features(tmp_path
     x = torch.stack([ds[i][0] for i in range(len(ds))])
     learner.eval()
     with torch.no_grad():
-        with learner.handles[1].disabled():
+        with learner.experts[1].disabled():
             f0 = learner.backbone(x)
-        with learner.handles[0].disabled():
+        with learner.experts[0].disabled():
             f1 = learner.backbone(x)
     torch.testing.assert_close(feats[:, :D], f0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(feats[:, D:], f1, rtol=1e-5, atol=1e-5)
@@ -96,10 +96,12 @@ def test_after_task_fills_real_and_synthesised_prototypes(tmp_path, recalc):
     g = torch.Generator().manual_seed(1)
     fake = {(s, c): torch.randn(3, D, generator=g) for s in range(3) for c in range(6)}
 
-    def subspace_train(s, classes):  # synthetic per-sub-space features, 3 samples per class
+    def features(split, classes, keys):  # synthetic per-sub-space train features, 3 samples per class
+        (s,) = keys
+        assert split == "train"
         return torch.cat([fake[s, c] for c in classes]), torch.tensor(classes).repeat_interleave(3)
 
-    learner.subspace_train = subspace_train
+    learner.experts.features = features
     history = []
     for task in sc.tasks[:3]:
         learner.before_task(task)

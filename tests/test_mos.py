@@ -10,7 +10,8 @@ from helpers import make_learner, run_task
 from ptcl.config import build_config
 from ptcl.data.scenario import Scenario
 from ptcl.errors import ConfigError
-from ptcl.methods.mos import MOS, adapter_mean, merge_adapter, orth_loss
+from ptcl.experts import average, ema_
+from ptcl.methods.mos import MOS, orth_loss
 
 D = 32  # vit_tiny_test feature dim
 
@@ -30,35 +31,38 @@ def test_config_defaults_and_validation():
 
 def test_adapter_merge_equals_the_formula_on_stored_weights(tmp_path):
     learner, sc = make(tmp_path)
+    experts = learner.experts
     g = torch.Generator().manual_seed(0)
     for task in sc.tasks[:3]:
         learner.before_task(task)
         with torch.no_grad():
-            for p in learner.handles[-1].module.parameters():
+            for p in experts[task.index].module.parameters():
                 p.copy_(torch.randn(p.shape, generator=g))
-    h0, h1, h2 = (h.state_dict() for h in learner.handles)
-    merge_adapter(learner.handles[2], adapter_mean(learner.handles[:2]), 0.1)
-    for k, v in learner.handles[2].state_dict().items():
+    h0, h1, h2 = (experts[k].state_dict() for k in range(3))
+    ema_(experts.parameters_of(2), average([experts.parameters_of(0), experts.parameters_of(1)]), 1 - 0.1)
+    for k, v in experts[2].state_dict().items():
         torch.testing.assert_close(v, 0.9 * h2[k] + 0.1 * (h0[k] + h1[k]) / 2)
-    for h, before in zip(learner.handles[:2], (h0, h1)):
-        assert all(torch.equal(v, before[k]) for k, v in h.state_dict().items())  # stored sets untouched
-    merge_adapter(learner.handles[0], adapter_mean([]), 0.1)  # first task: nothing to merge
-    assert all(torch.equal(v, h0[k]) for k, v in learner.handles[0].state_dict().items())
+        # bit for bit the update MOS made before the experts layer: A.mul_(1 - m).add_(mean, alpha=m)
+        assert torch.equal(v, h2[k].clone().mul_(0.9).add_((h0[k] + h1[k]) / 2, alpha=0.1)), k
+    for k, before in zip(range(2), (h0, h1)):
+        assert all(torch.equal(v, before[n]) for n, v in experts[k].state_dict().items())  # stored sets untouched
 
 
 def test_training_merges_continues_from_previous_adapter_and_freezes_old(tmp_path, monkeypatch):
     learner, sc = make(tmp_path)
-    run_task(learner, sc.tasks[0])
-    first = learner.handles[0].state_dict()
     calls = []
     import ptcl.methods.mos as mos
 
-    real_merge = mos.merge_adapter
-    monkeypatch.setattr(mos, "merge_adapter", lambda h, tgt, m: (calls.append(bool(tgt)), real_merge(h, tgt, m)))
+    real_merge = mos.ema_
+    monkeypatch.setattr(mos, "ema_", lambda old, new, a: (calls.append((bool(new), a)), real_merge(old, new, a)))
+    run_task(learner, sc.tasks[0])
+    assert calls == []  # first task: nothing to merge
+    first = learner.experts[0].state_dict()
     run_task(learner, sc.tasks[1])
     n_steps = 2 * 3  # 2 epochs x 3 batches (12 images, batch 4)
-    assert len(calls) == n_steps and all(calls)  # merged with the old adapter after every step
-    assert all(torch.equal(v, first[k]) for k, v in learner.handles[0].state_dict().items())
+    assert len(calls) == n_steps and all(tgt for tgt, _ in calls)  # merged with the old adapter after every step
+    assert all(a == pytest.approx(0.9) for _, a in calls)
+    assert all(torch.equal(v, first[k]) for k, v in learner.experts[0].state_dict().items())
     feats, _ = learner.features("test", range(4))
     assert feats.shape == (12, 2 * D)
 

@@ -7,13 +7,15 @@ import pytest
 import torch
 from helpers import make_learner, run_task
 
+import ptcl.methods.alignment as alignment_mod
 import ptcl.methods.slca as slca_mod
 import ptcl.train.loop as train_mod
 from ptcl.config import build_config
 from ptcl.data.features import extract_features
 from ptcl.data.scenario import Scenario
 from ptcl.errors import ConfigError
-from ptcl.methods.slca import SLCA, gaussian_stats, sample_gaussians, task_normalised_logits
+from ptcl.heads.class_statistics import cholesky_factors, gaussian_stats, sample_gaussians
+from ptcl.methods.slca import SLCA, task_normalised_logits
 
 FAST = {"method.epochs": 1, "method.batch_size": 8, "method.ca_epochs": 2, "method.ca_samples": 16,
         "method.ca_batch_size": 16}
@@ -101,7 +103,7 @@ def test_alignment_samples_all_seen_classes_from_stored_gaussians(tmp_path, monk
     a = torch.randn(4, d, d, generator=g) / d**0.5
     learner.class_covs.copy_(a @ a.transpose(1, 2) + 0.1 * torch.eye(d))
     seen_y, seen_x, normed = [], [], []
-    real_sample, real_norm = slca_mod.sample_gaussians, slca_mod.task_normalised_logits
+    real_sample, real_norm = alignment_mod.sample_gaussians, slca_mod.task_normalised_logits
 
     def spy_sample(m, ch, y, generator=None):
         x = real_sample(m, ch, y, generator)
@@ -113,7 +115,7 @@ def test_alignment_samples_all_seen_classes_from_stored_gaussians(tmp_path, monk
         normed.append((bounds, t))
         return real_norm(logits, bounds, t)
 
-    monkeypatch.setattr(slca_mod, "sample_gaussians", spy_sample)
+    monkeypatch.setattr(alignment_mod, "sample_gaussians", spy_sample)
     monkeypatch.setattr(slca_mod, "task_normalised_logits", spy_norm)
     learner.align(sc.tasks[1])
     y, x = torch.cat(seen_y), torch.cat(seen_x)
@@ -148,7 +150,7 @@ def test_sample_gaussians_moments():
     cov = a @ a.transpose(1, 2) + torch.eye(5)
     y = torch.tensor([1] * 20000 + [0] * 5)
     torch.manual_seed(0)
-    x = sample_gaussians(mean, slca_mod.cholesky_factors(cov), y)[y == 1]
+    x = sample_gaussians(mean, cholesky_factors(cov), y)[y == 1]
     torch.testing.assert_close(x.mean(0), mean[1], atol=0.1, rtol=0)
     torch.testing.assert_close(torch.cov(x.T), cov[1], atol=0.3, rtol=0.05)
 

@@ -27,100 +27,30 @@ weights, so a run costs one backbone pass per adapter. Only the new classes' tra
 features are ever used (exemplar-free). Not implemented: the optional pre-trained sub-space
 (``use_init_ptm``/``beta``) and the exemplar variant (``use_old_data``).
 
-The helpers :func:`only`, :func:`subspace_fingerprint` and :class:`SubspaceForward`
-(one adapter set active at a time) are shared with :mod:`ptcl.methods.mos`.
+The adapter sets are :class:`ptcl.experts.Experts` keyed by task (shared with MOS): one
+active at a time, each sub-space's features cached on disk.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
+from ptcl.experts import Experts
 from ptcl.heads.class_statistics import class_means
 from ptcl.methods.adapt import temporary_head
 from ptcl.methods.base import FEATURES, Learner, require_vit
-from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------- shared helpers
-@contextmanager
-def only(handles: Sequence[TuningHandle], keep: int) -> Iterator[None]:
-    """Within the block only ``handles[keep]`` is active; every other set is bypassed."""
-    with ExitStack() as stack:
-        for i, h in enumerate(handles):
-            if i != keep:
-                stack.enter_context(h.disabled())
-        yield
-
-
-def subspace_fingerprint(base: str, handle: TuningHandle) -> str:
-    """Identifies the features of the backbone (pre-trained hash ``base``) run with only
-    ``handle``'s adapter set: the set's weights and options, not its name or the others."""
-    m = handle.module
-    h = hashlib.sha256(f"{base}|{type(m).__name__}|{getattr(m, 'input', '')}".encode())
-    h.update(repr([getattr(a, "scale", None) for a in m.modules()]).encode())
-    for k, v in sorted(handle.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class SubspaceForward(nn.Module):
-    """``backbone`` with only ``handles[keep]`` active (for the feature cache)."""
-
-    def __init__(self, backbone: Backbone, handles: Sequence[TuningHandle], keep: int) -> None:
-        super().__init__()
-        self.backbone, self.handles, self.keep = backbone, list(handles), keep
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with only(self.handles, self.keep):
-            return self.backbone(x)
-
-
-class SubspaceMixin:
-    """Per-adapter features of whole splits, cached on disk and memoised in memory."""
-
-    backbone: Backbone
-    handles: list[TuningHandle]
-
-    def subspace(self, split: str, t: int) -> torch.Tensor:
-        key = (split, t)
-        if key not in self._memo:
-            fp = subspace_fingerprint(self._base_fp, self.handles[t])
-            fwd = SubspaceForward(self.backbone, self.handles, t).eval()
-            self._memo[key] = self.ctx.data.cached_features(split, fwd, fp)
-        return self._memo[key]
-
-    def subspace_train(self, t: int, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features under adapter ``t`` of the training samples of ``classes`` only."""
-        pos = torch.from_numpy(self.ctx.data.positions("train", classes))
-        return self.subspace("train", t)[pos], self.ctx.data.labels("train", classes)
-
-    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenated features of every adapter sub-space (``S * D`` columns)."""
-        pos = torch.from_numpy(self.ctx.data.positions(split, classes))
-        feats = torch.cat([self.subspace(split, t)[pos] for t in range(len(self.handles))], 1)
-        return feats, self.ctx.data.labels(split, classes)
-
-    def add_adapter_set(self, task: Task, bottleneck: int) -> None:
-        require_vit(self.backbone, type(self).__name__)
-        h = attach(self.backbone.model, "adapter", name=f"task{task.index}", bottleneck=bottleneck)
-        h.module.requires_grad_(False)
-        self.handles.append(h)
 
 
 def complement(old_i: torch.Tensor, ref_i: torch.Tensor, ref_d: torch.Tensor) -> torch.Tensor:
@@ -160,21 +90,20 @@ class EASEConfig(TrainConfig):
 
 
 @METHODS.register("ease")
-class EASE(SubspaceMixin, Learner):
+class EASE(Learner):
     config_cls = EASEConfig
     inputs = FEATURES
 
     def __init__(self, cfg: EASEConfig, backbone: Backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
-        self._base_fp = backbone.fingerprint()
-        self.handles: list[TuningHandle] = []
-        self._memo: dict[tuple[str, int], torch.Tensor] = {}
+        self.experts = Experts(backbone, ctx.data)  # adapter set of task t under key t
         self.dim = backbone.feature_dim
         self.register_buffer("protos", torch.zeros(0, 0, self.dim))  # (classes, sub-spaces, D)
         self.register_buffer("class_task", torch.zeros(0, dtype=torch.long))
 
     def before_task(self, task: Task) -> None:
-        self.add_adapter_set(task, self.cfg.bottleneck)
+        require_vit(self.backbone, "EASE")
+        self.experts.add(task.index, "adapter", bottleneck=self.cfg.bottleneck)
         c, s = self.protos.shape[:2]
         grown = self.protos.new_zeros(task.end, s + 1, self.dim)
         grown[:c, :s] = self.protos
@@ -183,8 +112,6 @@ class EASE(SubspaceMixin, Learner):
 
     def train_task(self, task: Task) -> None:
         t = task.index
-        h = self.handles[t]
-        h.module.requires_grad_(True)
         head = temporary_head(self.dim, task.num_new, self.cfg.head_scale)
         self.to(self.device)
         head.to(self.device)
@@ -193,23 +120,26 @@ class EASE(SubspaceMixin, Learner):
         def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(head(self.backbone(x)), y - task.start)
 
-        with only(self.handles, t):
+        with self.experts.training(t) as h:
             losses = self.fit(data, step, [*h.parameters(), *head.parameters()],
                               desc=f"task {t} adapter", seed=t)
-        h.module.requires_grad_(False)
         log.info("EASE task %d adapter: loss %.4f -> %.4f", t, losses[0], losses[-1])
 
     @torch.no_grad()
     def after_task(self, task: Task) -> None:
         t = task.index
         for s in range(t + 1):  # new classes: real prototypes in every sub-space
-            feats, labels = self.subspace_train(s, task.classes)
+            feats, labels = self.experts.features("train", task.classes, [s])
             self.protos[task.start : task.end, s] = class_means(feats, labels, task.classes).to(self.protos)
         for i in range(t):  # old tasks: synthesised prototypes in later sub-spaces
             old = (self.class_task == i).nonzero().squeeze(1)
             for d in range(i + 1, t + 1) if self.cfg.recalc_sim else [t]:
                 ref = (self.class_task >= d).nonzero().squeeze(1)
                 self.protos[old, d] = complement(self.protos[old, i], self.protos[ref, i], self.protos[ref, d])
+
+    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenated features of every adapter sub-space (``S * D`` columns)."""
+        return self.experts.features(split, classes)
 
     def weights(self) -> torch.Tensor:
         """(classes, sub-spaces) weights: 1 on a class's own sub-space, ``alpha / t`` elsewhere."""

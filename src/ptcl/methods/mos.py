@@ -33,36 +33,34 @@ rank one) is shrunk towards the mean covariance of the classes with enough sampl
 task and of every earlier class, with a warning; the Cholesky factors add jitter where one
 fails (the official ``torch.linalg.cholesky`` raises), both from
 :mod:`ptcl.heads.class_statistics`, shared with SLCA.
+
+Shared machinery: the adapter sets are :class:`ptcl.experts.Experts` keyed by task (as
+EASE's), the merge is :func:`ptcl.experts.merge.ema_` towards
+:func:`ptcl.experts.merge.average`, and the alignment loop is
+:func:`ptcl.methods.alignment.classifier_alignment` (as SLCA's).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.heads.class_statistics import (
-    SharedCovariance,
-    cholesky_factors,
-    class_gaussians,
-    class_means,
-    sample_gaussians,
-)
+from ptcl.experts import Experts, average, ema_
+from ptcl.heads.class_statistics import SharedCovariance, class_gaussians, class_means
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import FEATURES, Learner
-from ptcl.methods.ease import SubspaceMixin, only
-from ptcl.peft import TuningHandle
+from ptcl.methods.alignment import classifier_alignment
+from ptcl.methods.base import FEATURES, Learner, require_vit
 from ptcl.registry import METHODS
-from ptcl.seeding import generator
 from ptcl.train.callbacks import AfterStep
 
 log = logging.getLogger(__name__)
@@ -102,25 +100,6 @@ class MOSConfig(TrainConfig):
             raise ConfigError(f"method.adapter_momentum must be in [0, 1], got {self.adapter_momentum}")
 
 
-@torch.no_grad()
-def adapter_mean(handles: list[TuningHandle]) -> dict[str, torch.Tensor]:
-    """Parameter-wise mean of the adapter sets ``handles`` (empty for none)."""
-    if not handles:
-        return {}
-    sets = [dict(h.module.named_parameters()) for h in handles]
-    return {k: torch.stack([s[k] for s in sets]).mean(0) for k in sets[0]}
-
-
-@torch.no_grad()
-def merge_adapter(current: TuningHandle, target: dict[str, torch.Tensor], momentum: float) -> None:
-    """``current <- (1 - momentum) current + momentum * target`` in place (no-op without a
-    target: the first task has no earlier adapters)."""
-    if not target or momentum == 0:
-        return
-    for name, p in current.module.named_parameters():
-        p.mul_(1 - momentum).add_(target[name], alpha=momentum)
-
-
 def orth_loss(feats: torch.Tensor, old_means: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``M M^T / 0.8`` against the identity, ``M = [old means; feats]``."""
     m = torch.cat([old_means.to(feats), feats])
@@ -129,16 +108,14 @@ def orth_loss(feats: torch.Tensor, old_means: torch.Tensor) -> torch.Tensor:
 
 
 @METHODS.register("mos")
-class MOS(SubspaceMixin, Learner):
+class MOS(Learner):
     config_cls = MOSConfig
     inputs = FEATURES
     test_options = {"ca_epochs": 2}
 
     def __init__(self, cfg: MOSConfig, backbone: Backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
-        self._base_fp = backbone.fingerprint()
-        self.handles: list[TuningHandle] = []
-        self._memo: dict[tuple[str, int], torch.Tensor] = {}
+        self.experts = Experts(backbone, ctx.data)  # adapter set of task t under key t
         d = self.dim = backbone.feature_dim
         self.head = IncrementalLinear(d)
         self.register_buffer("protos", torch.zeros(0, d))  # adapter-0 class means (retrieval)
@@ -148,7 +125,8 @@ class MOS(SubspaceMixin, Learner):
         self.register_buffer("class_task", torch.zeros(0, dtype=torch.long))
 
     def before_task(self, task: Task) -> None:
-        self.add_adapter_set(task, self.cfg.bottleneck)
+        require_vit(self.backbone, "MOS")
+        self.experts.add(task.index, "adapter", bottleneck=self.cfg.bottleneck)
         self.head.grow(task.num_new)
         n = task.num_new
         self.protos = torch.cat([self.protos, self.protos.new_zeros(n, self.dim)])
@@ -158,12 +136,14 @@ class MOS(SubspaceMixin, Learner):
 
     # -- training ----------------------------------------------------------------------
     def train_task(self, task: Task) -> None:
-        t, cfg = task.index, self.cfg
-        h, target = self.handles[t], adapter_mean(self.handles[:t])
-        if t > 0:  # continue from the previous task's adapter
-            h.load_state_dict(self.handles[t - 1].state_dict())
-        h.module.requires_grad_(True)
+        t, cfg, experts = task.index, self.cfg, self.experts
         self.to(self.device)
+        callbacks = []
+        if t > 0:  # continue from the previous task's adapter, merged towards the earlier ones
+            experts[t].load_state_dict(experts[t - 1].state_dict())
+            if cfg.adapter_momentum > 0:  # after every optimiser step
+                target, params = average([experts.parameters_of(k) for k in range(t)]), experts.parameters_of(t)
+                callbacks.append(AfterStep(lambda _: ema_(params, target, 1 - cfg.adapter_momentum)))
         data = self.ctx.data.images("train", task.classes, train_transform=True)
         old_means = self.means[: task.start]
 
@@ -172,12 +152,10 @@ class MOS(SubspaceMixin, Learner):
             logits = F.linear(feats, self.head.weight[task.start :], self.head.bias[task.start :])
             return F.cross_entropy(logits, y - task.start) + cfg.reg * orth_loss(feats, old_means)
 
-        groups = [{"params": h.parameters(), "lr": cfg.lr},
-                  {"params": list(self.head.parameters()), "lr": cfg.lr * HEAD_LR_SCALE}]
-        merge = AfterStep(lambda _: merge_adapter(h, target, cfg.adapter_momentum))  # every step
-        with only(self.handles, t):
-            losses = self.fit(data, step, groups, desc=f"task {t} adapter", seed=t, callbacks=[merge])
-        h.module.requires_grad_(False)
+        with experts.training(t) as h:
+            groups = [{"params": h.parameters(), "lr": cfg.lr},
+                      {"params": list(self.head.parameters()), "lr": cfg.lr * HEAD_LR_SCALE}]
+            losses = self.fit(data, step, groups, desc=f"task {t} adapter", seed=t, callbacks=callbacks)
         log.info("MOS task %d adapter: loss %.4f -> %.4f", t, losses[0], losses[-1])
 
         self.class_statistics(task)
@@ -189,8 +167,8 @@ class MOS(SubspaceMixin, Learner):
         """Prototypes (adapter 0) and Gaussians (the task's adapter) of the new classes; a class
         with fewer than 3 distinct samples is shrunk towards the mean covariance of the others
         (:mod:`ptcl.heads.class_statistics`); a class without samples raises ``DataError``."""
-        feats, labels = self.subspace_train(task.index, task.classes)
-        proto_feats, proto_labels = self.subspace_train(0, task.classes)
+        feats, labels = self.experts.features("train", task.classes, [task.index])
+        proto_feats, proto_labels = self.experts.features("train", task.classes, [0])
         self.protos[task.start : task.end] = class_means(proto_feats, proto_labels, task.classes).to(self.protos)
         shared = SharedCovariance.of(self.covs[: task.start], COV_RIDGE)
         means, covs = class_gaussians(feats, labels, task.classes, COV_RIDGE, shared)
@@ -199,25 +177,14 @@ class MOS(SubspaceMixin, Learner):
             self.covs[c] = (covs[i] if self.cfg.ca_storage == "covariance" else covs[i].diagonal()).to(self.covs)
 
     def align_classifier(self, task: Task) -> None:
-        """Train the head on features sampled from every seen class's Gaussian."""
+        """Train the head on features sampled from every seen class's Gaussian (``batch_size
+        * 5`` per class and epoch, batches of that size; official ``classifer_align``)."""
         cfg = self.cfg
         per_class = cfg.batch_size * 5
-        if cfg.ca_storage == "covariance":
-            chol = cholesky_factors(self.covs[: task.end]).to(self.means)
-        else:
-            chol = torch.diag_embed(self.covs[: task.end].sqrt())
-        labels = torch.arange(task.end).repeat_interleave(per_class)
-        means = self.means[: task.end]
-
-        gen = generator(self.ctx.seed, "mos-alignment", task.index, device=means.device)
-
-        def step(y_in: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # fresh samples per epoch
-            return F.cross_entropy(self.head(sample_gaussians(means, chol, y, gen)), y)
-
         ca = dataclasses.replace(cfg, lr=cfg.ca_lr, epochs=cfg.ca_epochs, batch_size=per_class)
-        losses = self.fit(TensorDataset(labels, labels), step, self.head.parameters(), cfg=ca,
-                          desc=f"task {task.index} alignment", seed=1000 + task.index)
-        log.info("MOS task %d classifier alignment: loss %.4f -> %.4f", task.index, losses[0], losses[-1])
+        classifier_alignment(self, self.head, self.means[: task.end], self.covs[: task.end], per_class, ca,
+                             stream="mos-alignment", task=task.index, seed=1000 + task.index,
+                             desc=f"task {task.index} alignment")
 
     # -- inference ---------------------------------------------------------------------
     def task_of(self, logits: torch.Tensor) -> torch.Tensor:
@@ -239,6 +206,10 @@ class MOS(SubspaceMixin, Learner):
             if bool(done.all()):
                 break
         return final
+
+    def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features under every task's adapter, concatenated (``tasks * D`` columns)."""
+        return self.experts.features(split, classes)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

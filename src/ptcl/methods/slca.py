@@ -22,7 +22,8 @@ Implemented, per task:
    fine-tuned on features sampled from N(mu_c, Sigma_c) (``ca_samples`` per class and
    epoch, freshly drawn each epoch) with the logit normalisation of the official code
    (logits divided by the mean over tasks of each task's logit L2 norm and by the
-   temperature ``ca_logit_norm``).
+   temperature ``ca_logit_norm``). The sampling loop is :mod:`ptcl.methods.alignment`,
+   shared with MOS; the normalisation, mean shrinking and head copies are SLCA's own.
 
 As in the official code, the aligned head is used for prediction, but the next task starts
 from the heads before alignment (``fc.backup()``/``fc.recall()``): both are kept. Also as
@@ -45,23 +46,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from ptcl.config import TrainConfig
 from ptcl.data.features import extract_features
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.heads.class_statistics import (
-    SharedCovariance,
-    cholesky_factors,
-    class_gaussians,
-    gaussian_stats,  # noqa: F401  (its former home)
-    sample_gaussians,
-)
+from ptcl.heads.class_statistics import SharedCovariance, class_gaussians
 from ptcl.heads.linear import IncrementalLinear
+from ptcl.methods.alignment import classifier_alignment
 from ptcl.methods.base import IMAGES, Learner
 from ptcl.registry import METHODS
-from ptcl.seeding import generator
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +184,9 @@ class SLCA(Learner):
         return self.class_means[: task.end] * factor
 
     def align(self, task: Task) -> list[float]:
-        """Fine-tune the heads of all seen classes on features sampled from their Gaussians."""
+        """Fine-tune the heads of all seen classes on features sampled from their Gaussians
+        (:func:`ptcl.methods.alignment.classifier_alignment`) with SLCA's logit normalisation
+        and mean shrinking, on a copy of the per-task heads (kept for the next task)."""
         cfg: SLCAConfig = self.cfg  # type: ignore[assignment]
         with torch.no_grad():
             self.aligned.weight.copy_(self.head.weight)
@@ -202,23 +198,18 @@ class SLCA(Learner):
         with torch.no_grad():
             head.weight.copy_(self.head.weight)
             head.bias.copy_(self.head.bias)
-        means = self.sampling_means(task).to(self.device)
-        chols = cholesky_factors(self.class_covs[:n]).to(self.device)
         bounds = [0, *(t.end for t in self.ctx.scenario.tasks[: task.index + 1])]
-        labels = torch.arange(n).repeat_interleave(cfg.ca_samples)
 
-        gen = generator(self.ctx.seed, "slca-alignment", task.index, device=means.device)
+        def normalise(logits: torch.Tensor) -> torch.Tensor:
+            return task_normalised_logits(logits, bounds, cfg.ca_logit_norm)
 
-        def step(y: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
-            logits = head(sample_gaussians(means, chols, y, gen))
-            if cfg.ca_logit_norm > 0:
-                logits = task_normalised_logits(logits, bounds, cfg.ca_logit_norm)
-            return F.cross_entropy(logits, y)
-
-        ca_cfg = dataclasses.replace(cfg, lr=cfg.ca_lr, batch_size=cfg.ca_batch_size, scheduler="cosine")
-        losses = self.fit(TensorDataset(labels, labels), step, head.parameters(), cfg=ca_cfg,
-                          epochs=cfg.ca_epochs, desc=f"align {task.index}", seed=100 * task.index + 99)
-        log.info("classifier alignment task %d: loss %.4f -> %.4f", task.index, losses[0], losses[-1])
+        ca_cfg = dataclasses.replace(cfg, lr=cfg.ca_lr, batch_size=cfg.ca_batch_size, scheduler="cosine",
+                                     epochs=cfg.ca_epochs)
+        losses = classifier_alignment(
+            self, head, self.sampling_means(task), self.class_covs[:n], cfg.ca_samples, ca_cfg,
+            stream="slca-alignment", task=task.index, seed=100 * task.index + 99, desc=f"align {task.index}",
+            logits=normalise if cfg.ca_logit_norm > 0 else None,
+        )
         with torch.no_grad():
             self.aligned.weight.copy_(head.weight)
             self.aligned.bias.copy_(head.bias)
