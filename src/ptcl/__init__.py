@@ -7,8 +7,7 @@ was imported before.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ptcl._version import __version__
 from ptcl.config import RunConfig, build_config  # noqa: E402
 from ptcl.errors import PtclError  # noqa: E402
 from ptcl.registry import BACKBONES, DATASETS, METHODS  # noqa: E402

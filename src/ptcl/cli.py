@@ -1,7 +1,8 @@
 """Command line: ``ptcl run | list | compare``.
 
     ptcl run [CONFIG] [key=value ...] [--out DIR] [--resume RUN_DIR] [-q]
-    ptcl list methods|backbones|datasets
+    ptcl list methods|backbones|datasets [-v]
+    ptcl show METHOD
     ptcl compare RUN_DIR [RUN_DIR ...] [--plot FILE]
 
 User errors print one line (``ptcl: error: ...``) and exit with status 2; Ctrl-C prints
@@ -75,15 +76,45 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_list(a: argparse.Namespace) -> int:
-    from ptcl import BACKBONES, DATASETS, METHODS  # filled by ``import ptcl``
+    from ptcl.registry import BACKBONES, DATASETS, METHODS  # filled by ``import ptcl``
 
     reg = {"methods": METHODS, "backbones": BACKBONES, "datasets": DATASETS}[a.what]
     for name in reg.names():
         obj = reg.get(name)
         doc = (obj.__doc__ or "").strip().splitlines()
         _out(f"{name:<26} {doc[0] if doc else ''}")
+        if a.verbose and a.what == "methods":
+            _out(options_table(obj.config_cls, indent="    ") + "\n")
     if a.what == "backbones":
         _out(f"{'<any timm model>':<26} e.g. vit_base_patch16_224.augreg_in21k (needs the network once)")
+    return 0
+
+
+def options_table(cls: type, indent: str = "") -> str:
+    """Every option of config class ``cls``: name, type, default, bounds, help, source."""
+    from ptcl.options import describe
+
+    lines = []
+    for o in describe(cls):
+        if o.name == "name":
+            continue
+        extra = "; ".join(x for x in (o.bounds, o.help, f"source: {o.source}" if o.source else "") if x)
+        lines.append(f"{indent}{o.name:<20} {o.type:<28} default {o.default!r:<12} {extra}")
+    return "\n".join(lines)
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    import inspect
+
+    from ptcl.registry import METHODS
+
+    cls = METHODS.get(a.method)
+    module_doc = inspect.getdoc(inspect.getmodule(cls)) or ""
+    _out(f"{a.method}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    if module_doc:
+        _out("\n" + module_doc.split("\n\n")[0] + "\n")
+    _out("options (method.<name>=VALUE):")
+    _out(options_table(cls.config_cls, indent="  "))
     return 0
 
 
@@ -126,7 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("what", choices=["methods", "backbones", "datasets"])
+    ls.add_argument("-v", "--verbose", action="store_true", help="methods: also every option")
     ls.set_defaults(fn=cmd_list)
+    sh = sub.add_parser("show", help="a method's paper and every option (type, default, help, source)")
+    sh.add_argument("method")
+    sh.set_defaults(fn=cmd_show)
     c = sub.add_parser("compare", help="compare finished runs")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
     c.add_argument("--plot", metavar="FILE", help="also write the accuracy curves to this PNG")

@@ -37,6 +37,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ptcl.errors import ConfigError
+from ptcl.options import check_constraints, option
 from ptcl.registry import METHODS as DEFAULT_METHODS
 from ptcl.registry import Registry
 
@@ -124,7 +125,9 @@ def absolute_path(value: Any, base: str | os.PathLike | None, key: str) -> str:
 
 
 def _check_common(cfg: Any, section: str) -> None:
-    """Checks every config dataclass shares: finite floats, absolute paths."""
+    """Checks every config dataclass shares: finite floats, the options' bounds
+    (:func:`ptcl.options.check_constraints`), absolute paths."""
+    check_constraints(cfg, section)
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         _finite(v, _key(section, f.name))
@@ -142,7 +145,7 @@ class MethodConfig:
     ``__post_init__`` checks what every method shares (finite floats, absolute paths);
     a subclass calls it first, then checks its own options."""
 
-    name: str = "simplecil"
+    name: str = option("simplecil", "the method (ptcl list methods)")
 
     def __post_init__(self) -> None:
         _named(self, "method")
@@ -157,39 +160,37 @@ class TrainConfig(MethodConfig):
     ``weight_decay`` >= 0; ``clip_grad`` > 0 or null. The optimisers and schedules are
     described in :mod:`ptcl.train.optim`."""
 
-    epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 32
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = 0.9  # sgd
-    nesterov: bool = False  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam/adamw (torch's default)
-    eps: float = 1e-8  # adam/adamw (torch's default)
-    amsgrad: bool = False  # adam/adamw
-    weight_decay: float = 0.0
-    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = "cosine"
-    milestones: list[int] = field(default_factory=list)  # multistep: epochs where the lr drops
-    lr_decay: float = 0.1  # multistep: lr factor at each milestone
-    warmup_steps: int = 0  # linear warmup over the first optimiser steps (not with cosine)
-    clip_grad: float | None = None  # max global gradient norm of every step; null: no clipping
+    epochs: int = option(10, "training epochs per task", gt=0)
+    lr: float = option(0.01, "learning rate", gt=0)
+    batch_size: int = option(32, "training batch size", gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = option("sgd", "optimiser")
+    momentum: float = option(0.9, "SGD momentum", ge=0, lt=1)
+    nesterov: bool = option(False, "SGD with Nesterov momentum")
+    betas: list[float] = option(help="Adam/AdamW betas", ge=0, lt=1, factory=lambda: [0.9, 0.999],
+                                source="torch's default")
+    eps: float = option(1e-8, "Adam/AdamW epsilon", gt=0, source="torch's default")
+    amsgrad: bool = option(False, "Adam/AdamW with AMSGrad")
+    weight_decay: float = option(0.0, "weight decay (L2, decoupled for AdamW)", ge=0)
+    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = option(
+        "cosine", "lr schedule: cosine per epoch (LAMDA-PILOT), cosine per step, step decay at "
+        "milestones, or constant (ptcl.train.optim)")
+    milestones: list[int] = option(help="multistep: epochs at which the lr is multiplied by lr_decay",
+                                   gt=0, factory=list)
+    lr_decay: float = option(0.1, "multistep: lr factor at each milestone", gt=0)
+    warmup_steps: int = option(0, "linear lr warmup over the first optimiser steps (not with cosine)", ge=0)
+    clip_grad: float | None = option(None, "max global gradient norm of every step; null: no clipping", gt=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "epochs", "lr", "batch_size", "eps", "lr_decay")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"method.momentum must be in [0, 1), got {self.momentum!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ConfigError("method.nesterov needs method.optimizer=sgd and method.momentum > 0")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2:
             raise ConfigError(f"method.betas must be two numbers in [0, 1), got {self.betas!r}")
-        _at_least(self, "method", 0, "weight_decay", "warmup_steps")
-        if any(m <= 0 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
+        if list(self.milestones) != sorted(set(self.milestones)):
             raise ConfigError(f"method.milestones must be increasing positive epochs, got {self.milestones}")
         if self.warmup_steps and self.scheduler == "cosine":
             raise ConfigError("method.warmup_steps needs a per-step schedule: method.scheduler=cosine_step, "
                               "multistep or constant")
-        if self.clip_grad is not None:
-            _positive(self, "clip_grad")
 
 
 @dataclass
@@ -199,15 +200,14 @@ class BackboneConfig:
     ``image_size``: input side in pixels (>= 8; null: the backbone's own). ``weights``: a
     local checkpoint (.safetensors, or .pth read ``weights_only``), a path."""
 
-    name: str = "efficientnet_lite0"
-    pretrained: bool = True
-    image_size: int | None = None  # None: the backbone's own input size
-    weights: str | None = field(default=None, metadata=PATH)
+    name: str = option("efficientnet_lite0", "a registered backbone (ptcl list backbones) or any timm model name")
+    pretrained: bool = option(True, "load the pre-trained weights")
+    image_size: int | None = option(None, "input side in pixels; null: the backbone's own", ge=8)
+    weights: str | None = option(None, "a local checkpoint (.safetensors, or .pth read weights_only)", path=True)
 
     def __post_init__(self) -> None:
         _named(self, "backbone")
         _check_common(self, "backbone")
-        _at_least(self, "backbone", 8, "image_size", optional=True)
 
 
 @dataclass
@@ -219,17 +219,16 @@ class DatasetConfig:
     null: all), drawn with ``subset_seed`` (an integer in [0, 2**32 - 1]; 1993 as the
     class order), so the subset does not change with the run's ``seed``."""
 
-    name: str = "mnist_demo"
-    root: str | None = field(default=None, metadata=PATH)
-    train_per_class: int | None = None
-    test_per_class: int | None = None
-    subset_seed: int = 1993
-    download: bool = True
+    name: str = option("mnist_demo", "a registered dataset (ptcl list datasets)")
+    root: str | None = option(None, "the dataset's folder or archive; null: its default place", path=True)
+    train_per_class: int | None = option(None, "keep this many training images per class; null: all", ge=1)
+    test_per_class: int | None = option(None, "keep this many test images per class; null: all", ge=1)
+    subset_seed: int = option(1993, "seed of the per-class subsets (not the run seed), in [0, 2**32 - 1]")
+    download: bool = option(True, "download a missing dataset where its loader can")
 
     def __post_init__(self) -> None:
         _named(self, "dataset")
         _check_common(self, "dataset")
-        _at_least(self, "dataset", 1, "train_per_class", "test_per_class", optional=True)
         _seed(self, "dataset", "subset_seed")
 
 
@@ -238,13 +237,13 @@ class ScenarioConfig:
     """The class-incremental protocol: ``[init_cls] + [increment] * k`` (+ remainder);
     ``init_cls`` and ``increment`` are numbers of classes (>= 1)."""
 
-    init_cls: int = 2
-    increment: int = 2
-    shuffle: bool = True
+    init_cls: int = option(2, "classes of the first task", ge=1)
+    increment: int = option(2, "classes of every later task", ge=1)
+    shuffle: bool = option(True, "class order np.random.seed(seed) permutation (else label order)",
+                           source="LAMDA-PILOT DataManager")
 
     def __post_init__(self) -> None:
         _check_common(self, "scenario")
-        _at_least(self, "scenario", 1, "init_cls", "increment")
 
 
 @dataclass
@@ -258,11 +257,11 @@ class RunConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
-    seed: int = 1993
-    device: str = "auto"
-    eval_batch_size: int = 64
-    num_workers: int = 0
-    keep_all_checkpoints: bool = False  # False: only the latest task's checkpoint is kept
+    seed: int = option(1993, "class order and every random draw, in [0, 2**32 - 1]", source="LAMDA-PILOT")
+    device: str = option("auto", f"{DEVICE_FORMS}")
+    eval_batch_size: int = option(64, "batch size of feature extraction and evaluation", ge=1)
+    num_workers: int = option(0, "data-loader worker processes", ge=0)
+    keep_all_checkpoints: bool = option(False, "keep every task's checkpoint (else only the latest)")
 
     def __post_init__(self) -> None:
         for sec, cls in (("method", MethodConfig), ("backbone", BackboneConfig),
@@ -273,8 +272,6 @@ class RunConfig:
         _seed(self, "", "seed")
         if not (isinstance(self.device, str) and _DEVICE_RE.fullmatch(self.device)):
             raise ConfigError(f"device must be {DEVICE_FORMS}, got {self.device!r}")
-        _at_least(self, "", 1, "eval_batch_size")
-        _at_least(self, "", 0, "num_workers")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

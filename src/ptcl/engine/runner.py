@@ -19,7 +19,8 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from ptcl import __version__, dist
+from ptcl import dist
+from ptcl._version import __version__
 from ptcl.backbones import build_backbone
 from ptcl.config import RunConfig, build_config, load_file, save_config
 from ptcl.data.datasets import load_dataset

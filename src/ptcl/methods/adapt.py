@@ -27,9 +27,11 @@ from torch import nn
 from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig, _positive
 from ptcl.data.scenario import Task
+from ptcl.errors import ConfigError
 from ptcl.heads.linear import CosineHead
 from ptcl.methods.base import Learner, require_vit
 from ptcl.peft import TuningHandle, attach, mark_only_tuning_trainable
+from ptcl.peft.base import check_options
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,15 @@ def temporary_head(dim: int, num_classes: int, scale: float) -> CosineHead:
 
 
 def check_tuning(backbone: Backbone, cfg: FirstSessionConfig) -> None:
-    """Raise the :class:`ConfigError` of a ViT-only ``cfg.tuning`` on a CNN backbone."""
+    """Raise the :class:`ConfigError` of a ViT-only ``cfg.tuning`` on a CNN backbone, or of
+    ``cfg.tuning_options`` the tuning module does not take (at set-up, before any task)."""
     if cfg.tuning not in ("none", "finetune", "ssf"):
         require_vit(backbone, f"method.tuning={cfg.tuning}", " (use method.tuning=ssf, finetune or none)")
+    if cfg.tuning != "none":
+        check_options(cfg.tuning, cfg.tuning_options)
+    elif cfg.tuning_options:
+        raise ConfigError(f"method.tuning_options {cfg.tuning_options} are set but method.tuning is none; "
+                          "remove them or choose a tuning module")
 
 
 def attach_tuning(backbone: Backbone, cfg: FirstSessionConfig) -> TuningHandle | None:

@@ -106,6 +106,7 @@ class Aper(Learner):
 
     def __init__(self, cfg: AperConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
+        adapt.check_tuning(backbone, cfg)  # a bad tuning/backbone pair fails at set-up
         self.handle: TuningHandle | None = None  # attached by the first before_task
         self.updates_backbone = cfg.tuning == "finetune"
         self.head = CosineHead(2 * backbone.feature_dim)

@@ -107,6 +107,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def check_options(method: str, opts: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` for an unknown ``method`` or options it does not take
+    (without building anything: a config is checked before a run starts)."""
+    cls = PEFT_METHODS.get(method)
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")]
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for peft method {method!r}; valid: {valid}")
+
+
 def attach(model: nn.Module, method: str, *, name: str | None = None, **opts: Any) -> TuningHandle:
     """Attach tuning ``method`` (a :data:`PEFT_METHODS` name) to ``model`` in place.
 
@@ -114,12 +124,9 @@ def attach(model: nn.Module, method: str, *, name: str | None = None, **opts: An
     ``name`` (default: the method name) names the child ``model.tuning_<name>``, so two
     sets of the same method can coexist (e.g. one adapter set per task).
     """
+    check_options(method, opts)
     cls = PEFT_METHODS.get(method)
     host = _unwrap(model)
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "model")]
-    unknown = sorted(set(opts) - set(valid))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for peft method {method!r}; valid: {valid}")
     attr = PREFIX + (name or method)
     if hasattr(host, attr):
         raise ConfigError(f"{attr!r} is already attached to the model; detach it first")
