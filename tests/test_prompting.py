@@ -200,3 +200,33 @@ def test_tokens_from_a_callable_see_the_block_input():
     assert seen == [(1 + 3 + 16, 3)] and out.shape[1] == 1 + 2 + 16
     out.sum().backward()
     assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+def test_none_removes_the_earlier_prompts_and_without_tokens_drops_them():
+    model = tiny_vit(depth=3)
+    inj = attach_prompting(model)
+    lengths: list[int] = []
+    for b in model.blocks:
+        b.register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    seen = []
+
+    def gen(x):  # DAP-style: generated from the block input without the earlier prompts
+        plain = inj.without_tokens(x)
+        seen.append((x.shape[1], plain.shape[1]))
+        return plain[:, :2]
+
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), inj.use(tokens={0: torch.randn(2, 4, 32), 1: None, 2: gen}, keep_tokens=True):
+        out = model.forward_features(img)
+    n = 1 + 16
+    assert lengths == [n + 4, n, n + 2]  # block 1 sees no prompts, block 2 two new ones
+    assert seen == [(n, n)] and out.shape[1] == n + 2 and inj.token_slice == slice(1, 3)
+    p = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(img)))
+        h = model.blocks[0](torch.cat([x[:, :1], p, x[:, 1:]], 1))
+        ref = model.norm(model.blocks[2](model.blocks[1](torch.cat([h[:, :1], h[:, 5:]], 1))))
+        with inj.use(tokens={0: p, 1: None}):
+            got = model.forward_features(img)
+    assert inj.num_inserted == 0
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

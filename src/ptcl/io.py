@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ptcl.errors import BackboneError
+
 log = logging.getLogger(__name__)
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32] or "host"
@@ -157,6 +159,27 @@ def atomic_save_tensors(
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """The tensors of a local checkpoint, read safely: ``.safetensors`` with safetensors,
+    anything else with ``torch.load(weights_only=True)`` (no code runs); a ``{"state_dict":
+    {...}}`` wrapper is unwrapped. ``what`` names the file in errors (e.g. the config key).
+
+    Raises :class:`~ptcl.errors.BackboneError` when the file is missing, unreadable or holds
+    anything but a dict of tensors (every user-named weights file is a backbone's)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise BackboneError(f"{what} {p} does not exist")
+    try:
+        sd = load_tensors(p) if p.suffix == ".safetensors" else torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # any reader failure means a bad file the user can replace
+        raise BackboneError(f"cannot read {what} {p}: {e}") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BackboneError(f"{what} {p} does not hold a state_dict of tensors")
+    return sd
 
 
 def is_disk_full(e: BaseException) -> bool:

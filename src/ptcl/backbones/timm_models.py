@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import urlparse
 
 import timm
@@ -21,6 +20,7 @@ import torch
 from ptcl.backbones.base import Backbone, Preprocess
 from ptcl.config import BackboneConfig
 from ptcl.errors import BackboneError
+from ptcl.io import read_state_dict
 from ptcl.registry import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -37,23 +37,15 @@ def is_timm_model(name: str) -> bool:
 
 
 def load_weights_file(model: torch.nn.Module, path: str) -> None:
-    """Load a local checkpoint safely: safetensors, or ``torch.load(weights_only=True)``."""
-    p = Path(path)
-    if not p.is_file():
-        raise BackboneError(f"backbone.weights file {p} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    """Load a local checkpoint (read by :func:`ptcl.io.read_state_dict`) into ``model``; a
+    missing classifier is fine (``num_classes=0``), unexpected tensors are ignored."""
+    sd = read_state_dict(path, "backbone.weights")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(("head", "fc.", "classifier"))]
     if missing:
-        raise BackboneError(f"backbone.weights {p} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        raise BackboneError(f"backbone.weights {path} lacks {len(missing)} tensors, e.g. {missing[:3]}")
     if unexpected:
-        log.info("ignored %d unexpected tensors in %s", len(unexpected), p)
+        log.info("ignored %d unexpected tensors in %s", len(unexpected), path)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

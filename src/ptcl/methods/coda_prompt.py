@@ -30,7 +30,7 @@ copy it):
   epochs (CIFAR-100) / 50 (ImageNet-R); optimiser re-created every task.
 
 Deviations: the query is the cached frozen feature of the *un-augmented* image (the
-official code queries the augmented view; see :mod:`ptcl.methods.l2p`). The official
+official code queries the augmented view; see :mod:`ptcl.methods.prompt_pool`). The official
 Gram-Schmidt subtracts projections on the old components one at a time, which is exact
 only while they are still mutually orthogonal (after training they are not); here new
 vectors are projected off an orthonormal basis (QR) of the old ones' span, so they are
@@ -40,7 +40,6 @@ exactly orthogonal to every old component. The cosine schedule is the engine's
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,30 +47,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptcl.config import TrainConfig, _positive
+from ptcl.config import _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.methods.l2p import PromptPoolLearner
+from ptcl.methods.prompt_pool import PromptConfig, PromptPoolLearner
 from ptcl.registry import METHODS
 from ptcl.seeding import generator
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
-class CodaPromptConfig(TrainConfig):
+class CodaPromptConfig(PromptConfig):
     name: str = "coda_prompt"
     epochs: int = 20
     lr: float = 0.001
     batch_size: int = 128
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    weight_decay: float = 0.0
     scheduler: Literal["cosine", "constant"] = "cosine"
     pool_size: int = 100  # M components per block, split evenly over the tasks
     prompt_length: int = 8  # L: L/2 prefix keys + L/2 prefix values
     layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     ortho_mu: float = 0.0  # weight of the orthogonality penalty
-    train_mask: bool = True  # cross-entropy over the current task's classes only
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -128,14 +122,15 @@ class CodaPrompt(PromptPoolLearner):
     test_options = {"layers": [0, 1], "pool_size": 10}
 
     def __init__(self, cfg: CodaPromptConfig, backbone, ctx) -> None:
-        super().__init__(cfg, backbone, ctx)  # type: ignore[arg-type]
+        super().__init__(cfg, backbone, ctx)
         depth = len(backbone.model.blocks)
         if max(cfg.layers) >= depth:
             raise ConfigError(f"method.layers {cfg.layers} exceed the backbone's {depth} blocks")
         self.components = nn.ModuleList()  # one Components per task (grown in before_task)
-        scenario = getattr(ctx, "scenario", None)  # None in unit tests with a fake context
-        if scenario is not None:
-            self.components_per_task(scenario.num_tasks)
+
+    def check_tasks(self, num_tasks: int) -> None:
+        """Raise :class:`ConfigError` unless every task gets components (:meth:`components_per_task`)."""
+        self.components_per_task(num_tasks)
 
     def components_per_task(self, num_tasks: int) -> int:
         """``pool_size // num_tasks``; raises :class:`ConfigError` when that is 0 or when the
@@ -202,8 +197,7 @@ class CodaPrompt(PromptPoolLearner):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of the prompted ViT and the orthogonality penalty (0 when unused)."""
         p, k, a = self.gather(task)
-        with self.prompting.use(prefixes=self.prefixes(query, p, k, a)):
-            feats = self.backbone(images)
+        feats = self.prompted_backbone(images, prefixes=self.prefixes(query, p, k, a))
         penalty = feats.new_zeros(())
         if task is not None and self.cfg.ortho_mu > 0:
             penalty = sum(ortho_penalty(k[j]) + ortho_penalty(a[j]) + ortho_penalty(p[j]) for j in range(p.shape[0]))

@@ -26,17 +26,18 @@ Implemented as in the official code (naver-ai/dap-cl, ``src/models/vit_dap/vit.p
   embedding 64, SGD lr 0.25 (momentum 0.9), 20 epochs, ``pull_coeff = 2.0``, and at test
   the logits outside the predicted task's classes are masked (``task_logit_mask``).
 
-Deviations: the prompts depend on the current block's tokens, which the shared
-:class:`~ptcl.peft.prompting.PromptInjector` cannot take (it needs the prompts before the
-forward), so DAP inserts its own tokens with two forward hooks (:class:`GeneratedPrompts`)
-that pass through outside :meth:`DAP.prompted_features`. The official test-time task
-choice is batch-wise (the batch's most frequent key, also used for the logit mask) and
-searches all 10 keys; here it is per image among the seen tasks' keys
-(``batchwise_prompt: true`` restores the batch majority). The official optimiser and its
+The prompts enter through the shared :class:`~ptcl.peft.prompting.PromptInjector`: DAP
+hands it one callable per block (:meth:`DAP.block_prompts`) that generates the prompts
+from the block's input; insertion, replacement and stripping are
+:class:`~ptcl.peft.tokens.TokenInserter`'s.
+
+Deviations: the official test-time task choice is batch-wise (the batch's most frequent
+key, also used for the logit mask) and searches all 10 keys; here it is per image among
+the seen tasks' keys (``batchwise_prompt: true`` restores the batch majority). The official optimiser and its
 state live across all tasks; the engine re-creates it per task. The classifier is the
 toolbox's growing linear head (official: one 100-way head with kaiming-normal fan-out
 weights and a constant bias). The query is the cached feature of the un-augmented image
-(see :mod:`ptcl.methods.l2p`). No dropout, as in the official model: its configs set
+(see :mod:`ptcl.methods.prompt_pool`). No dropout, as in the official model: its configs set
 ``MODEL.DAP.DROPOUT`` and ``MODEL.LINEAR.DROPOUT``, but ``vit_dap/vit.py`` never reads the
 first, the head ``MLP`` with ``MLP_NUM = 0`` has no hidden layer for the second to apply
 to, and the encoder is kept in eval mode.
@@ -45,12 +46,9 @@ to, and the encoder is kept in eval mode.
 from __future__ import annotations
 
 import functools
-import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,11 +57,9 @@ from torch import nn
 from ptcl.config import _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.methods.l2p import PromptPoolConfig, PromptPoolLearner
-from ptcl.peft.prompting import cosine_similarity, select_topk, surrogate_pull
+from ptcl.methods.prompt_pool import PromptPoolConfig, PromptPoolLearner
+from ptcl.peft.prompting import TokenFn
 from ptcl.registry import METHODS
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,64 +113,11 @@ class PromptGenerator(nn.Module):
         return (gamma[:, :, None] * down + beta[:, :, None]).transpose(1, 2)
 
 
-class GeneratedPrompts:
-    """Forward hooks that insert each prompted block's generated prompts (no parameters).
-
-    Active only inside :meth:`use` (the task embeddings of the batch); elsewhere every
-    hook passes through and the model computes its plain output.
-    """
-
-    def __init__(self, model: nn.Module, generators: nn.ModuleDict) -> None:
-        self.generators = generators
-        self.start = int(model.num_prefix_tokens)
-        self.seq_len = self.start + int(model.patch_embed.num_patches)
-        self.emb: torch.Tensor | None = None
-        self.train_down = False
-        self.inserted = 0
-        blocks = list(model.blocks)
-        for i, block in enumerate(blocks):
-            block.register_forward_pre_hook(functools.partial(self._insert, i))
-        blocks[-1].register_forward_hook(self._strip)
-
-    @contextmanager
-    def use(self, emb: torch.Tensor, train_down: bool = False) -> Iterator[None]:
-        """Within the block, forwards insert prompts modulated by ``emb`` ``(B, E)``;
-        ``train_down``: the token maps get gradients."""
-        self.emb, self.train_down, self.inserted = emb, train_down, 0
-        try:
-            yield
-        finally:
-            self.emb, self.inserted = None, 0
-
-    def _insert(self, i: int, module: nn.Module, args: tuple[Any, ...]) -> Any:
-        if self.emb is None:
-            return None
-        x, s = args[0], self.start
-        if i == 0:
-            self.inserted = 0
-        x = torch.cat([x[:, :s], x[:, s + self.inserted :]], dim=1)
-        self.inserted = 0
-        gen = self.generators[str(i)] if str(i) in self.generators else None
-        if gen is not None:
-            if x.shape[1] != self.seq_len:
-                raise ValueError(f"DAP's generators take {self.seq_len} tokens, block {i} got {x.shape[1]}")
-            p = gen(x, self.emb, self.train_down).to(x.dtype)
-            x = torch.cat([x[:, :s], p, x[:, s:]], dim=1)
-            self.inserted = p.shape[1]
-        return (x, *args[1:])
-
-    def _strip(self, module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> Any:
-        if self.emb is None or not self.inserted:
-            return None
-        s, n = self.start, self.inserted
-        self.inserted = 0
-        return torch.cat([out[:, :s], out[:, s + n :]], dim=1)
-
-
 @METHODS.register("dap")
 class DAP(PromptPoolLearner):
     config_cls = DAPConfig
     test_options = {"num_tokens": 2, "task_emb_dim": 4}
+    per_task = "task key and task embedding"
 
     def __init__(self, cfg: DAPConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
@@ -183,30 +126,17 @@ class DAP(PromptPoolLearner):
         layers = list(range(depth)) if cfg.layers is None else cfg.layers
         if max(layers) >= depth:
             raise ConfigError(f"method.layers {layers} exceed the backbone's {depth} blocks")
-        seq = int(model.num_prefix_tokens) + int(model.patch_embed.num_patches)
+        self.seq_len = int(model.num_prefix_tokens) + int(model.patch_embed.num_patches)
         self.generators = nn.ModuleDict(
-            {str(i): PromptGenerator(seq, dim, cfg.num_tokens, cfg.task_emb_dim) for i in layers}
+            {str(i): PromptGenerator(self.seq_len, dim, cfg.num_tokens, cfg.task_emb_dim) for i in layers}
         )
         patch = model.patch_embed.patch_size
         v = math.sqrt(6.0 / (3 * patch[0] * patch[1] + dim))
         self.keys = nn.Parameter(torch.empty(cfg.pool_size, backbone.feature_dim).uniform_(-v, v))
         self.task_emb = nn.Embedding(cfg.pool_size, cfg.task_emb_dim)
         self.register_buffer("task_ends", torch.zeros(0, dtype=torch.long))
-        self.generated = GeneratedPrompts(model, self.generators)
-        scenario = getattr(ctx, "scenario", None)  # None in unit tests with a fake context
-        if scenario is not None:
-            self.check_pool_size(scenario.num_tasks)
-
-    def check_pool_size(self, num_tasks: int) -> None:
-        """Raise :class:`ConfigError` unless there is a task key and embedding for each of ``num_tasks``."""
-        if num_tasks > self.cfg.pool_size:
-            raise ConfigError(
-                f"method.pool_size={self.cfg.pool_size} is smaller than the scenario's {num_tasks} tasks: "
-                f"dap keeps one task key and task embedding per task; set method.pool_size={num_tasks} (or more)"
-            )
 
     def before_task(self, task: Task) -> None:
-        self.check_pool_size(max(task.num_tasks, task.index + 1))
         super().before_task(task)
         self.task_ends = torch.cat([self.task_ends, self.task_ends.new_tensor([task.end])])
 
@@ -220,22 +150,34 @@ class DAP(PromptPoolLearner):
         return [p for n, p in self.named_parameters()
                 if not n.startswith("backbone.") and not (frozen and n.startswith("generators.") and ".down." in n)]
 
-    def task_index(self, query: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` task of each query: the most cosine-similar key of a seen task."""
-        sim = cosine_similarity(query, self.keys[: int(self.seen_tasks)])
-        return select_topk(sim, 1, self.cfg.batchwise_prompt)[:, 0]
+    def task_keys(self) -> torch.Tensor:
+        """``(pool_size, D)``: the task keys (the test-time task is the best match)."""
+        return self.keys
+
+    def block_prompts(self, emb: torch.Tensor, train_down: bool = False) -> dict[int, TokenFn | None]:
+        """The injector's ``tokens`` for task embeddings ``emb`` ``(B, E)``: in a prompted
+        block, its generator's ``(B, num_tokens, D)`` prompts made from the block's input
+        without the previous block's prompts; ``None`` (no prompts) in the other blocks.
+        ``train_down``: the token maps get gradients."""
+        return {i: functools.partial(self._generate, i, emb, train_down) if str(i) in self.generators else None
+                for i in range(self.prompting.depth)}
+
+    def _generate(self, i: int, emb: torch.Tensor, train_down: bool, x: torch.Tensor) -> torch.Tensor:
+        x = self.prompting.without_tokens(x)
+        if x.shape[1] != self.seq_len:
+            raise ValueError(f"DAP's generators take {self.seq_len} tokens, block {i} got {x.shape[1]}")
+        return self.generators[str(i)](x, emb, train_down)
 
     def features_for(self, images: torch.Tensor, idx: torch.Tensor, train_down: bool = False) -> torch.Tensor:
-        """Features of the ViT prompted with the generators modulated by tasks ``idx``."""
-        with self.generated.use(self.task_emb(idx), train_down):
-            return self.backbone(images)
+        """``(B, D)`` features of the ViT prompted with the generators modulated by tasks ``idx``."""
+        return self.prompted_backbone(images, tokens=self.block_prompts(self.task_emb(idx), train_down))
 
     def prompted_features(
         self, images: torch.Tensor, query: torch.Tensor, task: Task | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.tasks_of(query, task)
         feats = self.features_for(images, idx, self.trains_down(task))
-        return feats, surrogate_pull(query, self.keys, idx[:, None])
+        return feats, self.task_pull(query, idx)
 
     def predict(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         idx = self.task_index(x[1])

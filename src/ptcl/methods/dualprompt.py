@@ -18,7 +18,7 @@ and its PyTorch port (JH-LEE-KR/dualprompt-pytorch):
 * test: the E-prompt whose key is most cosine-similar to the query, among the keys of
   the tasks seen so far (the official code searches the whole pool, including keys of
   tasks not trained yet -- a deviation that can only avoid errors);
-* the query is the frozen CLS feature from the feature cache (see :mod:`ptcl.methods.l2p`),
+* the query is the frozen CLS feature from the feature cache (see :mod:`ptcl.methods.prompt_pool`),
   the classifier reads the prompted CLS token; cross-entropy over the current task's
   classes (``train_mask``);
 * Adam, lr ``0.03 * 24 / 256``, batch 24, 5 epochs (CIFAR-100), constant lr, gradient
@@ -38,8 +38,8 @@ from torch import nn
 from ptcl.config import _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.methods.l2p import PromptPoolConfig, PromptPoolLearner
-from ptcl.peft.prompting import PromptPool, select_topk
+from ptcl.methods.prompt_pool import PromptPoolConfig, PromptPoolLearner
+from ptcl.peft.prompting import PromptPool
 from ptcl.registry import METHODS
 
 
@@ -73,6 +73,7 @@ class DualPromptConfig(PromptPoolConfig):
 class DualPrompt(PromptPoolLearner):
     config_cls = DualPromptConfig
     test_options = {"g_layers": [0], "e_layers": [1]}
+    per_task = "E-prompt"
 
     def __init__(self, cfg: DualPromptConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
@@ -83,31 +84,15 @@ class DualPrompt(PromptPoolLearner):
         d = self.prompting.attn_dim
         self.g_prompt = nn.Parameter(torch.empty(len(cfg.g_layers), 2, cfg.g_length, d).uniform_(-1, 1))
         self.pool = PromptPool(cfg.pool_size, (len(cfg.e_layers), 2, cfg.e_length, d), backbone.model.embed_dim, -1.0, 1.0)
-        scenario = getattr(ctx, "scenario", None)  # None in unit tests with a fake context
-        if scenario is not None:
-            self.check_pool_size(scenario.num_tasks)
-
-    def check_pool_size(self, num_tasks: int) -> None:
-        """Raise :class:`ConfigError` unless the pool has one E-prompt for each of ``num_tasks``."""
-        if num_tasks > self.cfg.pool_size:
-            raise ConfigError(
-                f"method.pool_size={self.cfg.pool_size} is smaller than the scenario's {num_tasks} tasks: "
-                f"dualprompt keeps one E-prompt per task; set method.pool_size={num_tasks} (or more)"
-            )
-
-    def before_task(self, task: Task) -> None:
-        self.check_pool_size(max(task.num_tasks, task.index + 1))
-        super().before_task(task)
 
     def prepare_task(self, task: Task) -> None:
         if self.cfg.shared_prompt_pool and task.index > 0:
             with torch.no_grad():
                 self.pool.prompts[task.index] = self.pool.prompts[task.index - 1]
 
-    def task_index(self, query: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` E-prompt of each query: the best-matching key of a seen task."""
-        sim = self.pool.similarity(query, limit=int(self.seen_tasks))
-        return select_topk(sim, 1, self.cfg.batchwise_prompt)[:, 0]
+    def task_keys(self) -> torch.Tensor:
+        """``(pool_size, D)``: the E-prompts' keys (the test-time E-prompt is the best match)."""
+        return self.pool.keys
 
     def prefixes(self, e_idx: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """``{block: (k, v)}``: G-prompts and the E-prompts ``e_idx`` ``(B,)``."""
@@ -127,6 +112,4 @@ class DualPrompt(PromptPoolLearner):
         self, images: torch.Tensor, query: torch.Tensor, task: Task | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.tasks_of(query, task)
-        with self.prompting.use(prefixes=self.prefixes(idx)):
-            feats = self.backbone(images)
-        return feats, self.pool.pull(query, idx[:, None])
+        return self.prompted_backbone(images, prefixes=self.prefixes(idx)), self.task_pull(query, idx)

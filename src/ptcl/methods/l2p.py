@@ -7,11 +7,9 @@ Implemented as in the official code (google-research/l2p) and its PyTorch port
 (JH-LEE-KR/l2p-pytorch, whose CIFAR-100 defaults LAMDA-PILOT's ``exps/l2p.json`` copies):
 
 * a pool of ``M = 10`` prompts of length ``L = 5`` with learnable keys, all ``U(0, 1)``;
-* the query is the frozen pre-trained ViT's CLS feature (after the final norm). It comes
-  from the feature cache (``inputs = IMAGES_AND_FEATURES``), so no second forward pass
-  is run; the image's query is computed from its *un-augmented* view (eval transform)
-  while the prompted pass sees the augmented view (the official code queries the
-  augmented view) -- ``benchmarks/bench_prompt_query.py`` measures what this saves;
+* the query is the frozen pre-trained ViT's CLS feature (after the final norm), read from
+  the feature cache for the un-augmented image (the official code queries the augmented
+  view; see :mod:`ptcl.methods.prompt_pool`);
 * the ``N = 5`` keys of highest cosine similarity select ``N`` prompts, inserted as
   ``N * L`` tokens at the input of block 0 (prompt-tuning, no position embedding, as in
   the JAX code); the classifier reads the mean of the prompt tokens' outputs after the
@@ -29,127 +27,24 @@ depend on the other test images. Here selection is per image; ``batchwise_prompt
 restores the official behaviour (training and test). The JAX CIFAR config uses
 ``L = 10, N = 4``; the paper and the PyTorch port ``L = 5, N = 5``.
 
-:class:`PromptPoolLearner` holds what L2P shares with DualPrompt / CODA-Prompt / DAP
-(growing head, masked cross-entropy, cached query, pull term); subclasses implement
-:meth:`PromptPoolLearner.prompted_features`.
+What L2P shares with DualPrompt / CODA-Prompt / DAP (cached query, growing head, masked
+cross-entropy, pull term, options) is :mod:`ptcl.methods.prompt_pool`; this file holds the
+prompt pool with top-``N`` selection and the prompt-token pooling.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from ptcl.config import TrainConfig, _positive
+from ptcl.config import _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
-from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.base import IMAGES_AND_FEATURES, Learner, require_vit
-from ptcl.peft.prompting import PromptInjector, PromptPool, attach_prompting
+from ptcl.methods.prompt_pool import PromptPoolConfig, PromptPoolLearner
+from ptcl.peft.prompting import PromptPool
 from ptcl.registry import METHODS
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class PromptPoolConfig(TrainConfig):
-    """Training options shared by prompt-pool methods (L2P's official defaults)."""
-
-    epochs: int = 5
-    lr: float = 0.001875
-    batch_size: int = 16
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    weight_decay: float = 0.0
-    scheduler: Literal["cosine", "constant"] = "constant"
-    clip_grad: float | None = 1.0  # max global gradient norm; null: no clipping
-    pull_coeff: float = 0.1  # weight of the key-query surrogate loss
-    train_mask: bool = True  # cross-entropy over the current task's classes only
-    batchwise_prompt: bool = False  # official: True (batch-majority prompt selection)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.pull_coeff < 0:
-            raise ConfigError(f"method.pull_coeff must be >= 0, got {self.pull_coeff}")
-
-
-class PromptPoolLearner(Learner):
-    """Base of the query-driven prompt methods on a frozen ViT.
-
-    * ``predict`` / training get ``(images, query)``: the query is the cached frozen
-      pre-trained feature of the same image.
-    * ``prompted_features(images, query, task)`` (subclasses) returns the features fed
-      to the linear head and the pull term; ``task`` is the training task, ``None`` at
-      test time (then the prompts must be inferred from the query).
-    * ``seen_tasks`` (a buffer, so it is checkpointed) counts the tasks started.
-    """
-
-    config_cls = PromptPoolConfig
-    inputs = IMAGES_AND_FEATURES
-
-    def __init__(self, cfg: PromptPoolConfig, backbone, ctx) -> None:
-        super().__init__(cfg, backbone, ctx)
-        require_vit(backbone, f"method {cfg.name}")
-        attach_prompting(backbone.model)
-        self.head = IncrementalLinear(backbone.feature_dim)
-        self.register_buffer("seen_tasks", torch.tensor(0))
-
-    @property
-    def prompting(self) -> PromptInjector:
-        return self.backbone.model.tuning_prompting
-
-    def before_task(self, task: Task) -> None:
-        self.head.grow(task.num_new)
-        self.seen_tasks += 1
-
-    def prompted_features(
-        self, images: torch.Tensor, query: torch.Tensor, task: Task | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def task_index(self, query: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` inferred task of each query (methods with one prompt set per task)."""
-        raise NotImplementedError(f"{type(self).__name__} does not infer tasks")
-
-    def tasks_of(self, query: torch.Tensor, task: Task | None) -> torch.Tensor:
-        """``(B,)`` task whose prompts each image uses: the training task while training,
-        the task inferred from the query (:meth:`task_index`) at test time."""
-        if task is None:
-            return self.task_index(query)
-        return torch.full((query.shape[0],), task.index, dtype=torch.long, device=query.device)
-
-    def prepare_task(self, task: Task) -> None:
-        """Called at the start of ``train_task`` (e.g. to initialise the task's prompt)."""
-
-    def trainable(self) -> list[torch.nn.Parameter]:
-        """Parameters the optimiser updates (default: all of the learner's own)."""
-        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
-
-    def aux_loss(self, aux: torch.Tensor) -> torch.Tensor:
-        """The term added to the cross-entropy, from the second output of
-        :meth:`prompted_features` (default: minus ``pull_coeff`` times the key-query pull)."""
-        return -self.cfg.pull_coeff * aux
-
-    def train_task(self, task: Task) -> None:
-        cfg = self.cfg
-        self.prepare_task(task)
-        data = self.ctx.data.images_with_features("train", task.classes, train_transform=True)
-        lo = task.start if cfg.train_mask else 0
-
-        def step(x: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-            feats, aux = self.prompted_features(x[0], x[1], task)
-            logits = self.head(feats)[:, lo : task.end]
-            return F.cross_entropy(logits, y - lo) + self.aux_loss(aux)
-
-        self.to(self.device)
-        losses = self.fit(data, step, self.trainable(), desc=f"task {task.index}", seed=task.index)
-        log.info("%s task %d: loss %.4f -> %.4f", cfg.name, task.index, losses[0], losses[-1])
-
-    def predict(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        feats, _ = self.prompted_features(x[0], x[1], None)
-        return self.head(feats)
 
 
 @dataclass
@@ -187,8 +82,7 @@ class L2P(PromptPoolLearner):
         tokens = self.pool.prompts[idx].flatten(1, 2)  # (B, top_k * length, D)
         inj = self.prompting
         if self.cfg.pool == "token":
-            with inj.use(tokens=tokens):
-                feats = self.backbone(images)
+            feats = self.prompted_backbone(images, tokens=tokens)
         else:
             with inj.use(tokens=tokens, keep_tokens=True):
                 out = self.backbone.forward_tokens(images)

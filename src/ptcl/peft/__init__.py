@@ -2,7 +2,9 @@
 
 Methods (names in :data:`PEFT_METHODS`): ``adapter`` (AdaptFormer), ``ssf`` (SSF),
 ``vpt_shallow`` / ``vpt_deep`` (VPT) and ``finetune`` (all backbone weights). See
-:mod:`ptcl.peft.base` for how a learner uses them.
+:mod:`ptcl.peft.base` for how a learner uses them. Prompt tokens (VPT and the prompt
+methods' :mod:`ptcl.peft.prompting`) are inserted by one mechanism,
+:class:`~ptcl.peft.tokens.TokenInserter`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ptcl.peft.base import (
 )
 from ptcl.peft.finetune import FineTune
 from ptcl.peft.ssf import SSF
+from ptcl.peft.tokens import TokenInserter
 from ptcl.peft.vpt import VPTDeep, VPTShallow
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "SSF",
     "AdapterSet",
     "FineTune",
+    "TokenInserter",
     "TuningHandle",
     "TuningModule",
     "VPTDeep",

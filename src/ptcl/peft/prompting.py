@@ -26,14 +26,16 @@ new ones, right after the prefix tokens (CLS and any register tokens, ``P``)::
 
     [prefix tokens (P)] [prompts (L)] [patch tokens]
 
-so ``{0: t}`` is L2P / VPT-shallow and ``{i: t_i for every block}`` is VPT-deep. A value
-may also be a callable ``f(x) -> (B, L, D)`` of the block's input sequence ``x`` (with the
-earlier prompts still in it, at ``x[:, inj.start : inj.start + inj.num_inserted]``), for
-prompts generated from the current tokens (instance-level prompts). The
-prompts get no position embedding (they are inserted after ``_pos_embed``), as in the
-official L2P (JAX) code, where they are prepended at the first encoder layer. A hook on
-the last block strips them again before the final norm, so every timm pooling works
-unchanged; ``keep_tokens=True`` keeps them for methods that pool the prompt outputs.
+so ``{0: t}`` is L2P / VPT-shallow and ``{i: t_i for every block}`` is VPT-deep; in a
+block not listed the earlier prompts flow on, and a ``None`` value removes them (that
+block and the next unlisted ones see none). A value may also be a callable
+``f(x) -> (B, L, D)`` of the block's input sequence ``x`` (with the earlier prompts still
+in it, at ``x[:, inj.token_slice]``; ``inj.without_tokens(x)`` drops them), for prompts
+generated from the current tokens (DAP's instance-level prompts). The insertion itself is
+the shared :class:`~ptcl.peft.tokens.TokenInserter` (also VPT's): no position embedding
+(as in the official L2P JAX code, where prompts are prepended at the first encoder
+layer), stripped after the last block so every timm pooling works unchanged;
+``keep_tokens=True`` keeps them for methods that pool the prompt outputs.
 
 **Prefix-tuning** (``prefixes``): ``{block: (k, v)}`` with ``k, v`` of shape
 ``(B, Lp, A)`` or ``(Lp, A)`` (``A`` = the attention width, ``num_heads * head_dim`` =
@@ -49,7 +51,8 @@ with a fused ``qkv`` linear reshaped by the input length works (timm ``Attention
 ViT-B/16, DINOv2, ...). ``k_norm`` (qk-norm models only) is also applied to the prefix
 keys. Blocks called with an attention mask are not supported while prompts are active.
 
-Both kinds can be used together. Shapes are checked on entry to ``use``.
+Both kinds can be used together. Shapes are checked on entry to ``use``. Why prefixes
+are hooks on the attention and not tokens of the sequence: see :mod:`ptcl.peft.tokens`.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ import torch
 from torch import nn
 
 from ptcl.errors import ConfigError
-from ptcl.peft.base import PREFIX, TuningModule
+from ptcl.peft.base import PREFIX
+from ptcl.peft.tokens import TokenInserter, batched
 
 log = logging.getLogger(__name__)
 
@@ -73,40 +77,33 @@ Prefix = tuple[torch.Tensor, torch.Tensor]
 TokenFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class PromptInjector(TuningModule):
+class PromptInjector(TokenInserter):
     """Hooks that insert per-batch prompt tokens and attention prefixes (no parameters)."""
 
     def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not hasattr(model, "num_prefix_tokens"):
-            raise ConfigError(f"prompting needs a timm ViT (blocks, num_prefix_tokens); got {type(model).__name__}")
-        for i, b in enumerate(blocks):
+        super().__init__(model, "prompting")
+        for i, b in enumerate(model.blocks):
             qkv = getattr(getattr(b, "attn", None), "qkv", None)
             if not isinstance(qkv, nn.Linear) or qkv.out_features % 3:
                 raise ConfigError(f"prompting needs blocks[{i}].attn.qkv (a fused q/k/v nn.Linear)")
-        self.depth = len(blocks)
-        self.start = int(model.num_prefix_tokens)
-        self.dim = int(model.embed_dim)
-        self.attn_dim = blocks[0].attn.qkv.out_features // 3
-        self._tokens: dict[int, torch.Tensor] = {}
+        self.attn_dim = model.blocks[0].attn.qkv.out_features // 3
+        self._tokens: dict[int, torch.Tensor | TokenFn | None] = {}
         self._prefixes: dict[int, Prefix] = {}
         self._keep = False
-        self._inserted = 0  # prompt tokens currently in the sequence (during a forward)
         self._real: dict[int, int] = {}  # block -> sequence length before prefix padding
 
     # -- the method-facing API -----------------------------------------------------------
     @contextmanager
     def use(
         self,
-        tokens: torch.Tensor | Mapping[int, torch.Tensor | TokenFn] | None = None,
+        tokens: torch.Tensor | Mapping[int, torch.Tensor | TokenFn | None] | None = None,
         prefixes: Mapping[int, Prefix] | None = None,
         keep_tokens: bool = False,
     ) -> Iterator[PromptInjector]:
         """Within the block, forwards of the model use these prompts (see module doc).
 
-        ``tokens``: ``(B, L, D)`` / ``(L, D)`` for block 0, or ``{block: tensor or
-        callable of the block input}``.
+        ``tokens``: ``(B, L, D)`` / ``(L, D)`` for block 0, or ``{block: tensor, callable
+        of the block input, or None (remove the earlier prompts)}``.
         ``prefixes``: ``{block: (k, v)}``, each ``(B, Lp, A)`` or ``(Lp, A)``.
         ``keep_tokens``: leave the prompt tokens in the output sequence (at
         :attr:`token_slice`) instead of stripping them after the last block.
@@ -115,7 +112,7 @@ class PromptInjector(TuningModule):
         if tokens is not None and not isinstance(tokens, Mapping):
             tokens = {0: tokens}
         new_tokens = {
-            int(b): t if callable(t) else self._check(t, self.dim, f"tokens[{b}]")
+            int(b): t if t is None or callable(t) else self._check(t, self.dim, f"tokens[{b}]")
             for b, t in (tokens or {}).items()
         }
         new_prefixes = {}
@@ -136,62 +133,32 @@ class PromptInjector(TuningModule):
         finally:
             self._tokens, self._prefixes, self._keep = saved
 
-    @property
-    def token_slice(self) -> slice:
-        """Where the prompt tokens sit in the last forward's output (``keep_tokens``)."""
-        return slice(self.start, self.start + self._inserted)
-
-    @property
-    def num_inserted(self) -> int:
-        """Prompt tokens currently in the sequence (valid during a forward)."""
-        return self._inserted
-
     @staticmethod
     def _check(t: torch.Tensor, width: int, what: str) -> torch.Tensor:
         if t.ndim not in (2, 3) or t.shape[-1] != width:
             raise ValueError(f"{what} must have shape (B, L, {width}) or (L, {width}); got {tuple(t.shape)}")
         return t
 
-    @staticmethod
-    def _batched(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        t = t.to(x.dtype)
-        return t.expand(x.shape[0], -1, -1) if t.ndim == 2 else t
+    # -- prompt tokens (inserted by TokenInserter's hooks) ---------------------------------
+    def block_tokens(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The ``use(tokens=...)`` entry of block ``i`` (called with the block's input)."""
+        if i not in self._tokens:
+            return None
+        t = self._tokens[i]
+        if t is None:
+            return x.new_zeros(x.shape[0], 0, self.dim)
+        return self._check(t(x), self.dim, f"tokens[{i}](x)") if callable(t) else t
 
-    # -- hooks ---------------------------------------------------------------------------
+    def keeps_tokens(self) -> bool:
+        return self._keep
+
+    # -- attention prefixes ----------------------------------------------------------------
     def install(self, model: nn.Module) -> None:
-        blocks = list(model.blocks)
-        for i, block in enumerate(blocks):
-            block.register_forward_pre_hook(functools.partial(self._insert, i), with_kwargs=True)
+        super().install(model)
+        for i, block in enumerate(model.blocks):
             block.attn.register_forward_pre_hook(functools.partial(self._pad, i), with_kwargs=True)
             block.attn.qkv.register_forward_hook(functools.partial(self._write_prefix, i))
             block.attn.register_forward_hook(functools.partial(self._unpad, i))
-        blocks[-1].register_forward_hook(self._strip)
-
-    def _insert(self, i: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Pre-hook on block ``i``: insert (or replace) the prompt tokens."""
-        if not self.enabled:
-            return None
-        if i == 0:
-            self._inserted = 0
-        t = self._tokens.get(i)
-        if t is None:
-            return None
-        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
-            raise NotImplementedError("prompt tokens do not support attention masks")
-        x, s = args[0], self.start
-        if callable(t):
-            t = self._check(t(x), self.dim, f"tokens[{i}](x)")
-        t = self._batched(t, x)
-        x = torch.cat([x[:, :s], t, x[:, s + self._inserted :]], dim=1)
-        self._inserted = t.shape[1]
-        return (x, *args[1:]), kwargs
-
-    def _strip(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-        """Hook on the last block: remove the prompt tokens (unless ``keep_tokens``)."""
-        if not self.enabled or self._keep or not self._inserted:
-            return None
-        s = self.start
-        return torch.cat([output[:, :s], output[:, s + self._inserted :]], dim=1)
 
     def _pad(self, i: int, attn: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Pre-hook on block ``i``'s attention: append one zero row per prefix position."""
@@ -209,7 +176,7 @@ class PromptInjector(TuningModule):
         if not self.enabled or i not in self._prefixes:
             return None
         n, a = self._real[i], out.shape[-1] // 3
-        k, v = (self._batched(t, out) for t in self._prefixes[i])
+        k, v = (batched(t, out) for t in self._prefixes[i])
         tail = torch.cat([out[:, n:, :a], k, v], dim=-1)
         return torch.cat([out[:, :n], tail], dim=1)
 

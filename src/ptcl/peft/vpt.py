@@ -15,7 +15,9 @@ register tokens, e.g. DINOv2-reg)::
 
 A forward hook on the last block removes the prompt tokens again, so the final norm,
 every pooling mode (CLS ``token``, ``avg`` over patches) and ``forward_features`` see the
-usual token layout; the prompts act only through attention, as in the paper.
+usual token layout; the prompts act only through attention, as in the paper. Insertion,
+replacement and stripping are the shared :class:`~ptcl.peft.tokens.TokenInserter`; this
+module holds only VPT's prompts and which block gets which.
 
 Prompts are initialised ``U(-v, v)`` with ``v = sqrt(6 / (3 * patch_h * patch_w + dim))``
 (the paper code's Xavier-uniform). Blocks called with an attention mask are not
@@ -24,70 +26,39 @@ supported while prompts are active. ``forward_intermediates`` of timm is not pro
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
 from ptcl.errors import ConfigError
-from ptcl.peft.base import PEFT_METHODS, TuningModule
+from ptcl.peft.base import PEFT_METHODS
+from ptcl.peft.tokens import TokenInserter
 
 
-class VisualPrompts(TuningModule):
+class VisualPrompts(TokenInserter):
     """Prompt tokens ``prompts`` of shape ``(depth or 1, num_prompts, dim)``."""
 
     deep: bool = False
 
     def __init__(self, model: nn.Module, *, num_prompts: int = 5, dropout: float = 0.0) -> None:
-        super().__init__()
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.Sequential | nn.ModuleList) or not hasattr(
-            model, "num_prefix_tokens"
-        ):
-            raise ConfigError(
-                f"VPT needs a timm ViT (blocks, num_prefix_tokens); got {type(model).__name__}"
-            )
+        super().__init__(model, "VPT")
         if num_prompts <= 0:
             raise ConfigError(f"VPT num_prompts must be > 0, got {num_prompts}")
         for m in model.modules():
             if isinstance(m, VisualPrompts):
                 raise ConfigError("a VPT module is already attached; detach it first")
-        dim = int(model.embed_dim)
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
         self.num_prompts = num_prompts
-        self.start = int(model.num_prefix_tokens)
-        self.prompts = nn.Parameter(torch.empty(len(blocks) if self.deep else 1, num_prompts, dim))
-        v = math.sqrt(6.0 / (3 * math.prod(patch) + dim))
+        self.prompts = nn.Parameter(torch.empty(self.depth if self.deep else 1, num_prompts, self.dim))
+        v = math.sqrt(6.0 / (3 * math.prod(patch) + self.dim))
         nn.init.uniform_(self.prompts, -v, v)
         self.drop = nn.Dropout(dropout)
 
-    def install(self, model: nn.Module) -> None:
-        blocks = list(model.blocks)
-        for i, block in enumerate(blocks[: len(self.prompts)]):
-            block.register_forward_pre_hook(functools.partial(self._insert, i), with_kwargs=True)
-        blocks[-1].register_forward_hook(self._strip)
-
-    def _insert(
-        self, index: int, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        """Pre-hook on block ``index``: insert (block 0) or replace (deep) the prompts."""
-        if not self.enabled:
-            return None
-        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
-            raise NotImplementedError("VPT does not support attention masks")
-        x, s, n = args[0], self.start, self.num_prompts
-        p = self.drop(self.prompts[index]).to(x.dtype).expand(x.shape[0], -1, -1)
-        rest = x[:, s:] if index == 0 else x[:, s + n :]
-        return (torch.cat([x[:, :s], p, rest], dim=1), *args[1:]), kwargs
-
-    def _strip(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:
-        """Hook on the last block: drop the prompt tokens before the final norm and pool."""
-        if not self.enabled:
-            return None
-        s, n = self.start, self.num_prompts
-        return torch.cat([output[:, :s], output[:, s + n :]], dim=1)
+    def block_tokens(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Block ``i``'s own prompts ``(num_prompts, dim)`` (dropout applied): at block 0,
+        and at every block when deep (replacing the previous block's prompt outputs)."""
+        return self.drop(self.prompts[i]) if i < len(self.prompts) else None
 
 
 @PEFT_METHODS.register("vpt_shallow")
