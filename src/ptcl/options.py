@@ -8,6 +8,11 @@ The constraints (``ge``, ``gt``, ``le``, ``lt``; applied to every element of a l
 enforced in one place, :func:`check_constraints`, which every section's ``__post_init__``
 calls; choices are ``Literal`` types (checked by the parser). :func:`describe` lists the
 options of a config class (type, default, help, constraints, source) for ``ptcl show``.
+
+A subclass that changes a default re-declares the field with the default's own source and
+keeps the base field's help and bounds (:func:`field_meta`)::
+
+    epochs: int = option(20, source="official SLCA exps/slca/slca_cifar.json")
 """
 
 from __future__ import annotations
@@ -43,14 +48,23 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+BOUNDS = ("ge", "gt", "le", "lt")
+
+
 def field_meta(cls: type, name: str) -> typing.Mapping[str, Any]:
-    """The metadata of option ``name`` of ``cls``: its own, or (when a subclass re-declares
-    the field only to change its default) the nearest base class's."""
-    for klass in cls.__mro__:
-        f = getattr(klass, "__dataclass_fields__", {}).get(name)
-        if f is not None and f.metadata:
-            return f.metadata
-    return {}
+    """The metadata of option ``name`` of ``cls``: its nearest declaration's, where a subclass
+    that re-declares the field (to change its default and name that default's ``source``)
+    inherits from the nearest base declaration what it leaves unset: the ``help`` text and the
+    bounds (taken together: a declaration that sets any bound replaces all of them)."""
+    metas = [f.metadata for klass in cls.__mro__
+             if (f := getattr(klass, "__dataclass_fields__", {}).get(name)) is not None]
+    if not metas:
+        return {}
+    out = dict(metas[0])
+    out["help"] = next((m["help"] for m in metas if m.get("help")), "")
+    bounds = next((m for m in metas if any(m.get(b) is not None for b in BOUNDS)), {})
+    out.update({b: bounds.get(b) for b in BOUNDS})
+    return out
 
 
 def bounds_text(meta: typing.Mapping[str, Any]) -> str:

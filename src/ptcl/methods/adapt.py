@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -25,17 +25,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptcl.backbones.base import Backbone
-from ptcl.config import TrainConfig, _positive
+from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.linear import CosineHead
 from ptcl.methods.base import Learner, require_vit
+from ptcl.options import option
 from ptcl.peft import TuningHandle, attach, mark_only_tuning_trainable
 from ptcl.peft.base import check_options
 
 log = logging.getLogger(__name__)
 
 Tuning = Literal["none", "finetune", "adapter", "ssf", "vpt_shallow", "vpt_deep"]
+
+
+_PILOT_APER = "LAMDA-PILOT exps/aper_*.json (APER, CIFAR-100)"
 
 
 @dataclass
@@ -46,17 +50,20 @@ class FirstSessionConfig(TrainConfig):
     ``head_scale`` is the initial scale ``sigma`` of the temporary cosine head (learnable;
     the official code starts it at 1). See :func:`temporary_head` for when to raise it."""
 
-    tuning: Tuning = "adapter"
-    epochs: int = 20
-    lr: float = 0.01
-    batch_size: int = 48
-    weight_decay: float = 5e-4
-    tuning_options: dict[str, Any] = field(default_factory=dict)
-    head_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "head_scale")
+    tuning: Tuning = option(
+        "adapter", "first-session tuning module: none (frozen backbone), finetune (all weights), adapter "
+        "(AdaptFormer), ssf, vpt_shallow or vpt_deep (ViT only: adapter, vpt_*)",
+        source=f"{_PILOT_APER} (the adapter variant)")
+    epochs: int = option(20, "first-session training epochs (first task only)", source=f"{_PILOT_APER} (tuned_epoch)")
+    lr: float = option(0.01, "first-session learning rate", source=f"{_PILOT_APER} (init_lr)")
+    batch_size: int = option(48, "first-session batch size", source=_PILOT_APER)
+    weight_decay: float = option(5e-4, source=_PILOT_APER)
+    tuning_options: dict[str, Any] = option(
+        help="options of the tuning module (e.g. bottleneck, num_prompts; see ptcl.peft); {}: its defaults "
+        "(adapter bottleneck 64, 5 VPT tokens)", factory=dict, source="ptcl default")
+    head_scale: float = option(
+        1.0, "initial scale sigma of the temporary cosine head (learnable); about 16 for backbones with "
+        "large feature norms (DINOv2)", gt=0, source="PILOT / RanPAC CosineLinear (sigma starts at 1)")
 
 
 def temporary_head(dim: int, num_classes: int, scale: float) -> CosineHead:

@@ -47,6 +47,7 @@ from ptcl.heads.linear import CosineHead
 from ptcl.methods import adapt
 from ptcl.methods.adapt import FirstSessionConfig, Tuning
 from ptcl.methods.base import FEATURES, Learner
+from ptcl.options import option
 from ptcl.peft import TuningHandle, disabled
 from ptcl.registry import METHODS
 
@@ -66,18 +67,30 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+_VARIANTS = "LAMDA-PILOT exps/aper_*.json, CIFAR-100 B0 Inc10 (VARIANT_DEFAULTS)"
+
+
 @dataclass
 class AperConfig(FirstSessionConfig):
     """APER options. ``epochs``, ``lr``, ``batch_size`` and ``weight_decay`` left at ``None``
     take the variant's paper default (:data:`VARIANT_DEFAULTS`); ``tuning_options`` are
     merged over the variant's (bottleneck 64 / 5 prompt tokens / SSF paper init)."""
 
-    name: str = "aper"
-    tuning: Tuning = "adapter"
-    epochs: int | None = None  # type: ignore[assignment]
-    lr: float | None = None  # type: ignore[assignment]
-    batch_size: int | None = None  # type: ignore[assignment]
-    weight_decay: float | None = None  # type: ignore[assignment]
+    name: str = option("aper")
+    tuning: Tuning = option(
+        "adapter", "first-session tuning module: finetune (all weights), adapter (AdaptFormer), ssf, "
+        "vpt_shallow or vpt_deep (none: use simplecil)", source="APER paper and PILOT exps/aper_*.json (main variant)")
+    epochs: int | None = option(  # type: ignore[assignment]
+        None, "first-session training epochs; null: the variant's (20; finetune 6)", source=_VARIANTS)
+    lr: float | None = option(  # type: ignore[assignment]
+        None, "first-session learning rate; null: the variant's (0.01)", source=_VARIANTS)
+    batch_size: int | None = option(  # type: ignore[assignment]
+        None, "first-session batch size; null: the variant's (48; finetune 128)", source=_VARIANTS)
+    weight_decay: float | None = option(  # type: ignore[assignment]
+        None, "weight decay; null: the variant's (5e-4; finetune 0.05)", source=_VARIANTS)
+    tuning_options: dict[str, Any] = option(
+        help="options of the tuning module (ptcl.peft), merged over the variant's: adapter bottleneck 64, "
+        "vpt_* 5 prompt tokens, ssf init 'paper'", factory=dict, source=_VARIANTS)
 
     def __post_init__(self) -> None:
         if self.tuning == "none":
@@ -93,13 +106,11 @@ class AperConfig(FirstSessionConfig):
                 setattr(self, key, defaults[key])
         self.tuning_options = {**defaults["tuning_options"], **self.tuning_options}
         super().__post_init__()
-        if self.weight_decay < 0:
-            raise ConfigError(f"method.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @METHODS.register("aper")
 class Aper(Learner):
-    """APER: first-session tuning, then a cosine classifier of concatenated prototypes."""
+    """APER: first-session tuning, then a cosine classifier of concatenated prototypes (Zhou et al., IJCV 2024)."""
 
     config_cls = AperConfig
     inputs = FEATURES

@@ -40,42 +40,46 @@ exactly orthogonal to every old component. The cosine schedule is the engine's
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptcl.config import _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.methods.prompt_pool import PromptConfig, PromptPoolLearner
+from ptcl.options import option
 from ptcl.registry import METHODS
 from ptcl.seeding import generator
+
+_OFFICIAL = "official CODA-Prompt configs/cifar-100_prompt.yaml (= PILOT exps/coda_prompt.json)"
 
 
 @dataclass
 class CodaPromptConfig(PromptConfig):
-    name: str = "coda_prompt"
-    epochs: int = 20
-    lr: float = 0.001
-    batch_size: int = 128
-    scheduler: Literal["cosine", "constant"] = "cosine"
-    pool_size: int = 100  # M components per block, split evenly over the tasks
-    prompt_length: int = 8  # L: L/2 prefix keys + L/2 prefix values
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    ortho_mu: float = 0.0  # weight of the orthogonality penalty
+    name: str = option("coda_prompt")
+    epochs: int = option(20, source=f"{_OFFICIAL}; ImageNet-R: 50")
+    lr: float = option(0.001, source=_OFFICIAL)
+    batch_size: int = option(128, source=_OFFICIAL)
+    scheduler: Literal["cosine", "constant"] = option("cosine", source=_OFFICIAL)
+    pool_size: int = option(100, "prompt components M per prompted block, split evenly over the tasks "
+                            "(pool_size // tasks each)", gt=0, source=_OFFICIAL)
+    prompt_length: int = option(8, "component length L, even: L/2 prefix keys + L/2 prefix values", gt=0,
+                                source=_OFFICIAL)
+    layers: list[int] = option(help="prompted blocks (prefix-tuning), distinct, at least one", ge=0,
+                               factory=lambda: [0, 1, 2, 3, 4], source=_OFFICIAL)
+    ortho_mu: float = option(0.0, "weight of the orthogonality penalty on the keys, attention vectors and "
+                             "components", ge=0,
+                             source="official CODA-Prompt ImageNet-R script and PILOT exps/coda_prompt*.json")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "pool_size", "prompt_length")
         if self.prompt_length % 2:
             raise ConfigError(f"method.prompt_length must be even (keys + values), got {self.prompt_length}")
-        if not self.layers or len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+        if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"method.layers must be distinct block indices >= 0, got {self.layers}")
-        if self.ortho_mu < 0:
-            raise ConfigError(f"method.ortho_mu must be >= 0, got {self.ortho_mu}")
 
 
 class Components(nn.Module):
@@ -118,6 +122,8 @@ def ortho_penalty(t: torch.Tensor) -> torch.Tensor:
 
 @METHODS.register("coda_prompt")
 class CodaPrompt(PromptPoolLearner):
+    """CODA-Prompt: per-image prompts assembled from growing orthogonal components (Smith et al., CVPR 2023)."""
+
     config_cls = CodaPromptConfig
     test_options = {"layers": [0, 1], "pool_size": 10}
 

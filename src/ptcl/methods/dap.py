@@ -47,46 +47,51 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptcl.config import _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.methods.prompt_pool import PromptPoolConfig, PromptPoolLearner
+from ptcl.options import option
 from ptcl.peft.prompting import TokenFn
 from ptcl.registry import METHODS
+
+_OFFICIAL = "official DAP configs/base-dap.yaml + configs/dap/cifar.yaml (naver-ai/dap-cl)"
 
 
 @dataclass
 class DAPConfig(PromptPoolConfig):
-    name: str = "dap"
-    epochs: int = 5
-    lr: float = 0.01
-    batch_size: int = 128
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.9])  # official BETA1 / BETA2
-    amsgrad: bool = True
-    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = "constant"
-    clip_grad: float | None = 1.0
-    pull_coeff: float = 0.1  # SIM_LAMBDA
-    num_tokens: int = 10  # NUM_DAP_TOKENS
-    task_emb_dim: int = 16  # TASK_EMB
-    pool_size: int = 10  # keys / task embeddings: at most this many tasks
-    layers: list[int] | None = None  # prompted blocks; None: all
-    freeze_generator: bool = True  # the token map is trained in the first task only
-    task_logit_mask: bool = False  # test: only the predicted task's logits (ImageNet-R)
+    name: str = option("dap")
+    epochs: int = option(5, source=_OFFICIAL)
+    lr: float = option(0.01, source=_OFFICIAL)
+    batch_size: int = option(128, source=_OFFICIAL)
+    optimizer: Literal["sgd", "adam", "adamw"] = option("adam", source=_OFFICIAL)
+    betas: list[float] = option(factory=lambda: [0.9, 0.9], source=f"{_OFFICIAL} (BETA1, BETA2)")
+    amsgrad: bool = option(True, source=_OFFICIAL)
+    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = option("constant", source=_OFFICIAL)
+    clip_grad: float | None = option(1.0, source=_OFFICIAL)
+    pull_coeff: float = option(0.1, source=f"{_OFFICIAL} (SIM_LAMBDA; ImageNet-R: 2.0)")
+    num_tokens: int = option(10, "prompts generated per prompted block", gt=0,
+                             source=f"{_OFFICIAL} (NUM_DAP_TOKENS; ImageNet-R: 30)")
+    task_emb_dim: int = option(16, "width of each task's embedding (the FiLM input)", gt=0,
+                               source=f"{_OFFICIAL} (TASK_EMB; ImageNet-R: 64)")
+    pool_size: int = option(10, "task keys and task embeddings: at least the scenario's number of tasks", gt=0,
+                            source="official DAP src/models/vit_dap/vit.py (10 keys, nn.Embedding(10, ...))")
+    layers: list[int] | None = option(None, "prompted blocks, distinct; null: all", ge=0,
+                                      source=f"{_OFFICIAL} (all blocks; ImageNet-R: all but the last)")
+    freeze_generator: bool = option(True, "train the generators' token maps in the first task only",
+                                    source="official DAP code (naver-ai/dap-cl)")
+    task_logit_mask: bool = option(False, "at test, keep only the logits of the predicted task's classes",
+                                   source=f"{_OFFICIAL} (off; ImageNet-R: on)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "num_tokens", "task_emb_dim", "pool_size")
-        if self.layers is not None and (
-            not self.layers or len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers)
-        ):
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             raise ConfigError(f"method.layers must be distinct block indices >= 0 (or null: all), got {self.layers}")
 
 
@@ -115,6 +120,8 @@ class PromptGenerator(nn.Module):
 
 @METHODS.register("dap")
 class DAP(PromptPoolLearner):
+    """DAP: instance-level prompts generated from each block's tokens, modulated per task (Jung et al., ICCV 2023)."""
+
     config_cls = DAPConfig
     test_options = {"num_tokens": 2, "task_emb_dim": 4}
     per_task = "task key and task embedding"

@@ -30,40 +30,51 @@ default; ``batchwise_prompt: true`` enables it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ptcl.config import _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.methods.prompt_pool import PromptPoolConfig, PromptPoolLearner
+from ptcl.options import option
 from ptcl.peft.prompting import PromptPool
 from ptcl.registry import METHODS
+
+_OFFICIAL = "official DualPrompt config google-research/l2p configs/cifar100_dualprompt.py"
+_PORT = "DualPrompt PyTorch port JH-LEE-KR/dualprompt-pytorch"
 
 
 @dataclass
 class DualPromptConfig(PromptPoolConfig):
-    name: str = "dualprompt"
-    lr: float = 0.0028125  # 0.03 * 24 / 256
-    batch_size: int = 24
-    pull_coeff: float = 1.0
-    g_length: int = 5
-    g_layers: list[int] = field(default_factory=lambda: [0, 1])
-    e_length: int = 5
-    e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
-    pool_size: int = 10  # E-prompts: at most this many tasks
-    shared_prompt_pool: bool = True  # init E-prompt t from E-prompt t-1
+    name: str = option("dualprompt")
+    epochs: int = option(5, source=f"{_OFFICIAL} (CIFAR-100)")
+    lr: float = option(0.0028125, source=f"{_OFFICIAL}: 0.03 * batch 24 / 256")
+    batch_size: int = option(24, source=_OFFICIAL)
+    scheduler: Literal["cosine", "constant"] = option("constant", source=_OFFICIAL)
+    clip_grad: float | None = option(1.0, source=_OFFICIAL)
+    pull_coeff: float = option(1.0, source=f"{_OFFICIAL} (PILOT: 0.1)")
+    g_length: int = option(5, "G-prompt length: prefix key and value vectors per block (> 0 when g_layers is set)",
+                           ge=0, source=_OFFICIAL)
+    g_layers: list[int] = option(help="blocks with the shared G-prompt (prefix-tuning), distinct; [] for none",
+                                 ge=0, factory=lambda: [0, 1], source=_OFFICIAL)
+    e_length: int = option(5, "E-prompt length: prefix key and value vectors per block", gt=0, source=_OFFICIAL)
+    e_layers: list[int] = option(help="blocks with the task's E-prompt (prefix-tuning), distinct, at least one",
+                                 ge=0, factory=lambda: [2, 3, 4], source=_OFFICIAL)
+    pool_size: int = option(10, "E-prompts (one per task, with a key): at least the scenario's number of tasks",
+                            gt=0, source=_OFFICIAL)
+    shared_prompt_pool: bool = option(True, "E-prompt t starts as a copy of E-prompt t-1 (its key does not)",
+                                      source=f"{_PORT} (shared_prompt_pool)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "e_length", "pool_size")
         if self.g_layers and self.g_length <= 0:
             raise ConfigError(f"method.g_length must be > 0, got {self.g_length}")
         for key in ("g_layers", "e_layers"):
             layers = getattr(self, key)
-            if len(set(layers)) != len(layers) or any(i < 0 for i in layers):
+            if len(set(layers)) != len(layers):
                 raise ConfigError(f"method.{key} must be distinct block indices >= 0, got {layers}")
         if not self.e_layers:
             raise ConfigError("method.e_layers must name at least one block")
@@ -71,6 +82,8 @@ class DualPromptConfig(PromptPoolConfig):
 
 @METHODS.register("dualprompt")
 class DualPrompt(PromptPoolLearner):
+    """DualPrompt: a shared G-prompt and per-task E-prompts as attention prefixes (Wang et al., ECCV 2022)."""
+
     config_cls = DualPromptConfig
     test_options = {"g_layers": [0], "e_layers": [1]}
     per_task = "E-prompt"

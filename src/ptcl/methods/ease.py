@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from ptcl.backbones.base import Backbone
-from ptcl.config import TrainConfig, _positive
+from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
-from ptcl.errors import ConfigError
 from ptcl.experts import Experts
 from ptcl.heads.class_statistics import class_means
 from ptcl.methods.adapt import temporary_head
 from ptcl.methods.base import FEATURES, Learner, require_vit
+from ptcl.options import option
 from ptcl.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,9 @@ def complement(old_i: torch.Tensor, ref_i: torch.Tensor, ref_d: torch.Tensor) ->
 
 
 # --------------------------------------------------------------------- method
+_OFFICIAL = "official EASE exps/ease_cifar_in21k.json (CVPR24-Ease)"
+
+
 @dataclass
 class EASEConfig(TrainConfig):
     """Official defaults (CVPR24-Ease ``exps/ease_cifar_in21k.json``): 20 epochs per task,
@@ -70,32 +73,31 @@ class EASEConfig(TrainConfig):
     ``alpha=0.1``; ``recalc_sim=true``. ``head_scale``: initial scale of each task's
     temporary cosine head (official: 1; see :func:`ptcl.methods.adapt.temporary_head`)."""
 
-    name: str = "ease"
-    epochs: int = 20
-    lr: float = 0.025
-    batch_size: int = 48
-    weight_decay: float = 5e-4
-    bottleneck: int = 64
-    alpha: float = 0.1
-    recalc_sim: bool = True
-    head_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "head_scale")
-        if self.bottleneck <= 0:
-            raise ConfigError(f"method.bottleneck must be > 0, got {self.bottleneck}")
-        if self.alpha < 0:
-            raise ConfigError(f"method.alpha must be >= 0, got {self.alpha}")
+    name: str = option("ease")
+    epochs: int = option(20, source=_OFFICIAL)
+    lr: float = option(0.025, source=_OFFICIAL)
+    batch_size: int = option(48, source=_OFFICIAL)
+    weight_decay: float = option(5e-4, source=_OFFICIAL)
+    bottleneck: int = option(64, "bottleneck width of each task's AdaptFormer adapter", gt=0,
+                             source=f"{_OFFICIAL} (ffn_num)")
+    alpha: float = option(0.1, "prediction weight alpha / t of the sub-spaces other than a class's own (own: 1)",
+                          ge=0, source=_OFFICIAL)
+    recalc_sim: bool = option(True, "recompute every old class's prototype complement in every later sub-space "
+                              "each task; false: fill only the new sub-space (the paper's Eq.)", source=_OFFICIAL)
+    head_scale: float = option(1.0, "initial scale of each task's temporary cosine head (learnable)", gt=0,
+                               source="official EASE code (CosineLinear sigma starts at 1)")
 
 
 @METHODS.register("ease")
 class EASE(Learner):
+    """EASE: per-task adapter sub-spaces, old prototypes completed by semantic similarity (Zhou et al., CVPR 2024)."""
+
     config_cls = EASEConfig
     inputs = FEATURES
 
     def __init__(self, cfg: EASEConfig, backbone: Backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
+        require_vit(backbone, "EASE")  # at set-up, before the run folder exists
         self.experts = Experts(backbone, ctx.data)  # adapter set of task t under key t
         self.dim = backbone.feature_dim
         self.register_buffer("protos", torch.zeros(0, 0, self.dim))  # (classes, sub-spaces, D)

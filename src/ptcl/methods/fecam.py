@@ -32,38 +32,41 @@ from typing import Literal
 import torch
 
 from ptcl.data.scenario import Task
-from ptcl.errors import ConfigError
 from ptcl.heads.gaussian import GaussianHead
 from ptcl.methods.adapt import FirstSessionConfig, FirstSessionFeatures, Tuning
 from ptcl.methods.base import FEATURES
+from ptcl.options import option
 from ptcl.registry import METHODS
+
+_VIT = "official FeCAM FeCAM_vit_cifar100.py"
+_PILOT = "LAMDA-PILOT exps/fecam.json"
 
 
 @dataclass
 class FeCAMConfig(FirstSessionConfig):
-    name: str = "fecam"
-    tuning: Tuning = "none"
-    tukey: Literal["auto", "always", "never"] = "auto"
-    beta: float = 0.5
-    gamma1: float = 1.0
-    gamma2: float = 0.0
-    shrink_steps: int = 1
-    normalize_cov: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for n in ("beta", "gamma2"):
-            if getattr(self, n) < 0:
-                raise ConfigError(f"method.{n} must be >= 0, got {getattr(self, n)}")
-        if self.gamma1 <= 0 or self.shrink_steps < 1:
-            raise ConfigError(
-                f"method.gamma1 must be > 0 and method.shrink_steps >= 1 (the covariance must be "
-                f"positive definite), got gamma1={self.gamma1}, shrink_steps={self.shrink_steps}"
-            )
+    name: str = option("fecam")
+    tuning: Tuning = option("none", source="FeCAM paper, pre-trained ViT setting (frozen backbone)")
+    epochs: int = option(20, source=_PILOT)
+    lr: float = option(0.01, source=_PILOT)
+    batch_size: int = option(48, source=_PILOT)
+    weight_decay: float = option(5e-4, source=_PILOT)
+    tukey: Literal["auto", "always", "never"] = option(
+        "auto", "Tukey's transform x^beta before L2 normalisation: auto = on CNN backbones only (non-negative "
+        "features), always, never", source="ptcl (the authors' ResNet runs use it, their ViT scripts do not)")
+    beta: float = option(0.5, "Tukey exponent beta (0: log)", ge=0, source="official FeCAM exps/FeCAM_cifar100.json")
+    gamma1: float = option(1.0, "covariance shrinkage: gamma1 x mean diagonal added to the diagonal (> 0: "
+                           "positive definite)", gt=0, source=f"{_VIT} (ImageNet-R: 10)")
+    gamma2: float = option(0.0, "covariance shrinkage: gamma2 x mean off-diagonal added off the diagonal", ge=0,
+                           source=f"{_VIT} (ImageNet-R: 10)")
+    shrink_steps: int = option(1, "times the shrinkage is applied", ge=1,
+                               source=f"{_VIT} (once; the authors' ResNet runs: twice)")
+    normalize_cov: bool = option(True, "normalise each covariance to a correlation matrix", source=_VIT)
 
 
 @METHODS.register("fecam")
 class FeCAM(FirstSessionFeatures):
+    """FeCAM: per-class covariances and a Mahalanobis classifier on frozen features (Goswami et al., NeurIPS 2023)."""
+
     config_cls = FeCAMConfig
     inputs = FEATURES
 

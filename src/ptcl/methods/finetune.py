@@ -19,28 +19,31 @@ from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.base import IMAGES, Learner
+from ptcl.options import option
 from ptcl.registry import METHODS
 
 
 @dataclass
 class FinetuneConfig(TrainConfig):
-    name: str = "finetune"
-    epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 48
-    weight_decay: float = 5e-4
+    name: str = option("finetune")
+    epochs: int = option(10, source="ptcl default")
+    lr: float = option(0.01, source="ptcl default (LAMDA-PILOT's ViT setting: SGD, momentum 0.9, cosine)")
+    batch_size: int = option(48, source="ptcl default")
+    weight_decay: float = option(5e-4, source="ptcl default")
     # Global-norm clipping at 1, as in ViT fine-tuning (Dosovitskiy et al., ICLR 2021, App. B.1.1):
     # without it SGD at lr 0.01 diverges on DINOv2 ViT-S/14 (loss 2.2 -> 19 in 10 steps).
-    clip_grad: float | None = 1.0
+    clip_grad: float | None = option(1.0, source="ViT fine-tuning (Dosovitskiy et al., ICLR 2021, App. B.1.1)")
 
 
 @dataclass
 class JointConfig(FinetuneConfig):
-    name: str = "joint"
+    name: str = option("joint")
 
 
 @METHODS.register("finetune")
 class Finetune(Learner):
+    """Finetune: the whole backbone and a growing linear head trained on each new task only (lower bound)."""
+
     config_cls = FinetuneConfig
     inputs = IMAGES
     updates_backbone = True
@@ -68,7 +71,7 @@ class Finetune(Learner):
 
 @METHODS.register("joint")
 class Joint(Finetune):
-    """Trains on all seen classes' data at every task (upper bound)."""
+    """Joint: trains on all seen classes' data at every task (upper bound)."""
 
     config_cls = JointConfig
 

@@ -39,31 +39,38 @@ from typing import Literal
 
 import torch
 
-from ptcl.config import _positive
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.methods.prompt_pool import PromptPoolConfig, PromptPoolLearner
+from ptcl.options import option
 from ptcl.peft.prompting import PromptPool
 from ptcl.registry import METHODS
+
+_PAPER_PORT = "L2P paper and PyTorch port JH-LEE-KR/l2p-pytorch"
 
 
 @dataclass
 class L2PConfig(PromptPoolConfig):
-    name: str = "l2p"
-    pool_size: int = 10  # M
-    prompt_length: int = 5  # L
-    top_k: int = 5  # N
-    pool: Literal["prompt", "token"] = "prompt"  # classifier input: prompt outputs or CLS
+    name: str = option("l2p")
+    pool_size: int = option(10, "number M of prompts (and keys) in the pool", gt=0, source=f"{_PAPER_PORT} (M = 10)")
+    prompt_length: int = option(5, "tokens L per prompt", gt=0,
+                                source=f"{_PAPER_PORT} (L = 5; the JAX CIFAR config: 10)")
+    top_k: int = option(5, "prompts N selected per image (<= pool_size); N * L tokens enter block 0", gt=0,
+                        source=f"{_PAPER_PORT} (N = 5; the JAX CIFAR config: 4)")
+    pool: Literal["prompt", "token"] = option(
+        "prompt", "classifier input: prompt = mean of the prompt tokens' outputs, token = the CLS token",
+        source="official L2P code (head_type='prompt')")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, "pool_size", "prompt_length", "top_k")
         if self.top_k > self.pool_size:
             raise ConfigError(f"method.top_k ({self.top_k}) must be <= method.pool_size ({self.pool_size})")
 
 
 @METHODS.register("l2p")
 class L2P(PromptPoolLearner):
+    """L2P: a key-query prompt pool selects prompts per image (Wang et al., CVPR 2022)."""
+
     config_cls = L2PConfig
 
     def __init__(self, cfg: L2PConfig, backbone, ctx) -> None:

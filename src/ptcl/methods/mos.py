@@ -54,12 +54,12 @@ import torch.nn.functional as F
 from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
-from ptcl.errors import ConfigError
 from ptcl.experts import Experts, average, ema_
 from ptcl.heads.class_statistics import SharedCovariance, class_gaussians, class_means
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.alignment import classifier_alignment
 from ptcl.methods.base import FEATURES, Learner, require_vit
+from ptcl.options import option
 from ptcl.registry import METHODS
 from ptcl.train.callbacks import AfterStep
 
@@ -70,34 +70,38 @@ HEAD_LR_SCALE = 0.1
 COV_RIDGE = 1e-4  # added to every class covariance (unchanged from the previous implementation)
 
 
+_PILOT = "LAMDA-PILOT exps/mos.json (CIFAR-100)"
+
+
 @dataclass
 class MOSConfig(TrainConfig):
     """PILOT ``exps/mos.json`` (CIFAR-100): 20 epochs, SGD lr 0.03, batch 48, weight decay
     5e-4, cosine; ``ffn_num=16``; ``adapter_momentum=0.1``; ``reg=0.1``; ``ensemble=true``;
     ``crct_epochs=30``; ``ca_lr=0.005``; covariance statistics; 4 retrieval steps."""
 
-    name: str = "mos"
-    epochs: int = 20
-    lr: float = 0.03
-    batch_size: int = 48
-    weight_decay: float = 5e-4
-    bottleneck: int = 16
-    adapter_momentum: float = 0.1
-    reg: float = 0.1
-    ensemble: bool = True
-    ca_epochs: int = 30
-    ca_lr: float = 0.005
-    ca_storage: Literal["covariance", "variance"] = "covariance"
-    refine_steps: int = 4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.bottleneck <= 0 or self.refine_steps <= 0 or self.ca_lr <= 0:
-            raise ConfigError("method.bottleneck, method.refine_steps and method.ca_lr must be > 0")
-        if self.ca_epochs < 0 or self.reg < 0:
-            raise ConfigError("method.ca_epochs and method.reg must be >= 0")
-        if not 0 <= self.adapter_momentum <= 1:
-            raise ConfigError(f"method.adapter_momentum must be in [0, 1], got {self.adapter_momentum}")
+    name: str = option("mos")
+    epochs: int = option(20, source=f"{_PILOT} (tuned_epoch)")
+    lr: float = option(0.03, "learning rate of the task's adapter (the head's: lr x 0.1)", source=f"{_PILOT} (init_lr)")
+    batch_size: int = option(48, "training batch size (classifier alignment samples 5 x this per class and epoch)",
+                             source=_PILOT)
+    weight_decay: float = option(5e-4, source=_PILOT)
+    bottleneck: int = option(16, "bottleneck width of each task's AdaptFormer adapter", gt=0,
+                             source=f"{_PILOT} (ffn_num)")
+    adapter_momentum: float = option(0.1, "m: after every optimiser step the task's adapter moves to (1 - m) x "
+                                     "itself + m x the mean of the earlier ones; 0: no merging", ge=0, le=1,
+                                     source=_PILOT)
+    reg: float = option(0.1, "weight of the orthogonality loss (old class means vs batch features)", ge=0,
+                        source=_PILOT)
+    ensemble: bool = option(True, "add the softmax of the adapter-0 prototype classifier to the prediction",
+                            source=_PILOT)
+    ca_epochs: int = option(30, "classifier-alignment epochs per task (from the second task on); 0: none", ge=0,
+                            source=f"{_PILOT} (crct_epochs)")
+    ca_lr: float = option(0.005, "classifier-alignment learning rate (SGD, cosine)", gt=0, source=_PILOT)
+    ca_storage: Literal["covariance", "variance"] = option(
+        "covariance", "per-class statistics sampled by the alignment: covariance = full covariance, "
+        "variance = its diagonal", source=f"{_PILOT} (ca_storage_efficient_method)")
+    refine_steps: int = option(4, "self-refined retrieval: at most this many head evaluations per image", gt=0,
+                               source="LAMDA-PILOT models/mos.py (MAX_ITER = 4)")
 
 
 def orth_loss(feats: torch.Tensor, old_means: torch.Tensor) -> torch.Tensor:
@@ -109,12 +113,15 @@ def orth_loss(feats: torch.Tensor, old_means: torch.Tensor) -> torch.Tensor:
 
 @METHODS.register("mos")
 class MOS(Learner):
+    """MOS: merged per-task adapters, classifier alignment and self-refined adapter retrieval (Sun et al., AAAI 2025)."""
+
     config_cls = MOSConfig
     inputs = FEATURES
     test_options = {"ca_epochs": 2}
 
     def __init__(self, cfg: MOSConfig, backbone: Backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
+        require_vit(backbone, "MOS")  # at set-up, before the run folder exists
         self.experts = Experts(backbone, ctx.data)  # adapter set of task t under key t
         d = self.dim = backbone.feature_dim
         self.head = IncrementalLinear(d)

@@ -40,6 +40,7 @@ from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.base import IMAGES_AND_FEATURES, Learner, require_vit
+from ptcl.options import option
 from ptcl.peft.prompting import (
     PromptInjector,
     attach_prompting,
@@ -51,32 +52,38 @@ from ptcl.peft.prompting import (
 log = logging.getLogger(__name__)
 
 
+_PROMPT_CODES = "official L2P, DualPrompt and CODA-Prompt codes"
+_L2P_PORT = "L2P PyTorch port JH-LEE-KR/l2p-pytorch, CIFAR-100 (= PILOT exps/l2p.json)"
+
+
 @dataclass
 class PromptConfig(TrainConfig):
     """Options every prompt method here shares: Adam without weight decay, cross-entropy
     over the current task's classes (the official L2P, DualPrompt and CODA-Prompt codes)."""
 
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    weight_decay: float = 0.0
-    train_mask: bool = True  # cross-entropy over the current task's classes only
+    optimizer: Literal["sgd", "adam", "adamw"] = option("adam", source=_PROMPT_CODES)
+    weight_decay: float = option(0.0, source=_PROMPT_CODES)
+    train_mask: bool = option(
+        True, "cross-entropy over the current task's classes only (old classes' logits masked); "
+        "false: over all classes seen so far", source=_PROMPT_CODES)
 
 
 @dataclass
 class PromptPoolConfig(PromptConfig):
     """Options of the key-query prompt methods (L2P's official defaults)."""
 
-    epochs: int = 5
-    lr: float = 0.001875
-    batch_size: int = 16
-    scheduler: Literal["cosine", "constant"] = "constant"
-    clip_grad: float | None = 1.0  # max global gradient norm; null: no clipping
-    pull_coeff: float = 0.1  # weight of the key-query surrogate loss
-    batchwise_prompt: bool = False  # official: True (batch-majority prompt selection)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.pull_coeff < 0:
-            raise ConfigError(f"method.pull_coeff must be >= 0, got {self.pull_coeff}")
+    epochs: int = option(5, source=_L2P_PORT)
+    lr: float = option(0.001875, source=f"{_L2P_PORT}: 0.03 * batch 16 / 256")
+    batch_size: int = option(16, source=_L2P_PORT)
+    scheduler: Literal["cosine", "constant"] = option("constant", source=_L2P_PORT)
+    clip_grad: float | None = option(1.0, source=_L2P_PORT)
+    pull_coeff: float = option(
+        0.1, "weight of the key-query surrogate loss (the loss subtracts pull_coeff x the summed "
+        "cosine of the query and the selected keys)", ge=0,
+        source=f"{_L2P_PORT} (the JAX config: 1.0)")
+    batchwise_prompt: bool = option(
+        False, "every image of a batch gets the batch's most frequent prompts (or task), also at "
+        "test time; false: chosen per image", source="ptcl (a deviation: the official codes use true)")
 
 
 class PromptPoolLearner(Learner):

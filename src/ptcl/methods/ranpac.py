@@ -39,35 +39,45 @@ from ptcl.errors import ConfigError
 from ptcl.heads.ridge import RidgeHead
 from ptcl.methods.adapt import FirstSessionConfig, FirstSessionFeatures, Tuning
 from ptcl.methods.base import FEATURES
+from ptcl.options import option
 from ptcl.registry import METHODS
 
 log = logging.getLogger(__name__)
+
+
+_PUBLISH = "official RanPAC args/cifar224_publish.csv (CIFAR-100)"
 
 
 @dataclass
 class RanPACConfig(FirstSessionConfig):
     """``M = 0`` skips the random projection (ridge on the features themselves)."""
 
-    name: str = "ranpac"
-    tuning: Tuning = "adapter"
-    M: int = 10000
-    projection_seed: int | None = None  # None: the run's seed
-    lambda_exp_min: int = -8
-    lambda_exp_max: int = 8
-    val_fraction: float = 0.2
+    name: str = option("ranpac")
+    tuning: Tuning = option("adapter", source=_PUBLISH)
+    epochs: int = option(20, source=_PUBLISH)
+    lr: float = option(0.01, source=_PUBLISH)
+    batch_size: int = option(48, source=_PUBLISH)
+    weight_decay: float = option(5e-4, source=_PUBLISH)
+    M: int = option(10000, "width of the random ReLU projection; 0: ridge on the features themselves", ge=0,
+                    source=f"{_PUBLISH} (M = 10000)")
+    projection_seed: int | None = option(
+        None, "seed of the random projection W_rand, an integer in [0, 2**32 - 1]; null: the run's seed",
+        source="ptcl")
+    lambda_exp_min: int = option(-8, "ridge lambda grid: 10^lambda_exp_min .. 10^lambda_exp_max (powers of 10)",
+                                 source="official RanPAC RanPAC.py (10^-8 .. 10^8)")
+    lambda_exp_max: int = option(8, "ridge lambda grid: largest power of 10 (>= lambda_exp_min)",
+                                 source="official RanPAC RanPAC.py (10^-8 .. 10^8)")
+    val_fraction: float = option(0.2, "fraction of the current task's samples held out to choose lambda",
+                                 gt=0, lt=1, source="official RanPAC RanPAC.py (80/20 split)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.M < 0:
-            raise ConfigError(f"method.M must be >= 0, got {self.M}")
         if self.projection_seed is not None:
             _seed(self, "method", "projection_seed")
         if self.lambda_exp_min > self.lambda_exp_max:
             raise ConfigError(
                 f"method.lambda_exp_min ({self.lambda_exp_min}) must be <= lambda_exp_max ({self.lambda_exp_max})"
             )
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"method.val_fraction must be in (0, 1), got {self.val_fraction}")
 
     @property
     def lambdas(self) -> list[float]:
@@ -76,6 +86,8 @@ class RanPACConfig(FirstSessionConfig):
 
 @METHODS.register("ranpac")
 class RanPAC(FirstSessionFeatures):
+    """RanPAC: first-session tuning, a random ReLU projection and a ridge classifier (McDonnell et al., NeurIPS 2023)."""
+
     config_cls = RanPACConfig
     inputs = FEATURES
     test_options: ClassVar[dict] = {"M": 64}

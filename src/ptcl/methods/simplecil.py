@@ -20,16 +20,19 @@ from ptcl.data.scenario import Task
 from ptcl.heads.class_statistics import class_means
 from ptcl.heads.linear import CosineHead
 from ptcl.methods.base import FEATURES, Learner
+from ptcl.options import option
 from ptcl.registry import METHODS
 
 
 @dataclass
 class SimpleCILConfig(MethodConfig):
-    name: str = "simplecil"
+    name: str = option("simplecil")
 
 
 @METHODS.register("simplecil")
 class SimpleCIL(Learner):
+    """SimpleCIL: class-mean prototypes of a frozen backbone and a cosine classifier (Zhou et al., IJCV 2024)."""
+
     config_cls = SimpleCILConfig
     inputs = FEATURES
 

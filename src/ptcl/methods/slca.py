@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -50,47 +50,52 @@ from torch import nn
 from ptcl.config import TrainConfig
 from ptcl.data.features import extract_features
 from ptcl.data.scenario import Task
-from ptcl.errors import ConfigError
 from ptcl.heads.class_statistics import SharedCovariance, class_gaussians
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.alignment import classifier_alignment
 from ptcl.methods.base import IMAGES, Learner
+from ptcl.options import option
 from ptcl.registry import METHODS
 
 log = logging.getLogger(__name__)
+
+
+_CODE = "official SLCA models/slca.py"
+_EXP = "official SLCA exps/slca/slca_cifar.json"
 
 
 @dataclass
 class SLCAConfig(TrainConfig):
     """``lr`` is the head's learning rate; the backbone's is ``lr * backbone_lr_scale``."""
 
-    name: str = "slca"
-    epochs: int = 20
-    lr: float = 0.01
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = "multistep"
-    milestones: list[int] = field(default_factory=lambda: [18])
-    lr_decay: float = 0.1
-    backbone_lr_scale: float = 0.01  # 0: frozen backbone (the paper's "w/o SL" ablation)
-    ca_epochs: int = 5
-    ca_lr: float = 0.01
-    ca_batch_size: int = 256
-    ca_samples: int = 256  # features sampled per class and alignment epoch
-    ca_logit_norm: float = 0.1  # temperature of the logit normalisation; 0: plain CE
-    ca_mean_shrink: float = 0.1
-    cov_ridge: float = 1e-4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for n in ("ca_lr", "ca_batch_size", "ca_samples"):
-            if getattr(self, n) <= 0:
-                raise ConfigError(f"method.{n} must be > 0, got {getattr(self, n)!r}")
-        for n in ("backbone_lr_scale", "ca_epochs", "ca_logit_norm", "cov_ridge"):
-            if getattr(self, n) < 0:
-                raise ConfigError(f"method.{n} must be >= 0, got {getattr(self, n)!r}")
-        if not 0 <= self.ca_mean_shrink < 1:
-            raise ConfigError(f"method.ca_mean_shrink must be in [0, 1), got {self.ca_mean_shrink}")
+    name: str = option("slca")
+    epochs: int = option(20, source=_EXP)
+    lr: float = option(0.01, "learning rate of the new head (the backbone's: lr x backbone_lr_scale)",
+                       source=f"{_CODE} (lrate)")
+    batch_size: int = option(128, source=f"{_CODE} (PILOT exps/slca.json: 64)")
+    weight_decay: float = option(5e-4, source=_CODE)
+    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = option(
+        "multistep", source=f"{_CODE} (MultiStepLR)")
+    milestones: list[int] = option(factory=lambda: [18], source=_EXP)
+    lr_decay: float = option(0.1, source=f"{_CODE} (lrate_decay)")
+    backbone_lr_scale: float = option(
+        0.01, "backbone lr = lr x this; 0: frozen backbone (the paper's 'w/o SL' ablation)", ge=0,
+        source=f"{_CODE} (bcb_lrscale 1/100)")
+    ca_epochs: int = option(5, "classifier-alignment epochs per task (from the second task on); 0: none", ge=0,
+                            source=_EXP)
+    ca_lr: float = option(0.01, "classifier-alignment learning rate (SGD, cosine)", gt=0,
+                          source=f"{_CODE} (the alignment uses lrate)")
+    ca_batch_size: int = option(256, "classifier-alignment batch size (sampled features)", gt=0,
+                                source=f"{_CODE} (one class's samples per step)")
+    ca_samples: int = option(256, "features sampled per class and alignment epoch", gt=0,
+                             source=f"{_CODE} (num_sampled_pcls)")
+    ca_logit_norm: float = option(0.1, "temperature of the alignment's logit normalisation; 0: plain cross-entropy",
+                                  ge=0, source=f"{_EXP} (ca_with_logit_norm)")
+    ca_mean_shrink: float = option(
+        0.1, "s: at task T the sampled mean of a class from task t is scaled by 1 - s + s (t+1)/(T+1)",
+        ge=0, lt=1, source=f"{_CODE} (0.9 + 0.1 (t+1)/(T+1))")
+    cov_ridge: float = option(1e-4, "added to the diagonal of every class covariance", ge=0,
+                              source="official SLCA models/base.py (_compute_class_mean)")
 
 
 def task_normalised_logits(logits: torch.Tensor, bounds: list[int], temperature: float) -> torch.Tensor:
@@ -104,6 +109,8 @@ def task_normalised_logits(logits: torch.Tensor, bounds: list[int], temperature:
 
 @METHODS.register("slca")
 class SLCA(Learner):
+    """SLCA: a slow-learning backbone, then classifier alignment on sampled class Gaussians (Zhang et al., ICCV 2023)."""
+
     config_cls = SLCAConfig
     inputs = IMAGES
     test_options = {"ca_epochs": 2, "ca_samples": 16, "ca_batch_size": 16}

@@ -20,35 +20,37 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ptcl.config import TrainConfig, _positive
+from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.base import IMAGES, Learner, require_vit
+from ptcl.options import option
 from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
+
+_PILOT = "LAMDA-PILOT exps/adam_vpt_deep.json (APER's VPT setting)"
 
 
 @dataclass
 class VPTSeqConfig(TrainConfig):
-    name: str = "vpt_seq"
-    epochs: int = 20
-    lr: float = 0.01
-    batch_size: int = 48
-    weight_decay: float = 5e-4
-    num_prompts: int = 5
-    deep: bool = True
+    name: str = option("vpt_seq")
+    epochs: int = option(20, source=_PILOT)
+    lr: float = option(0.01, source=_PILOT)
+    batch_size: int = option(48, source=_PILOT)
+    weight_decay: float = option(5e-4, source=_PILOT)
+    num_prompts: int = option(5, "prompt tokens (per block with deep)", gt=0, source=f"{_PILOT} (prompt_token_num)")
+    deep: bool = option(True, "VPT-Deep: fresh prompts at the input of every block; false: VPT-Shallow (block 0 "
+                        "only)", source=f"{_PILOT} (vpt_type deep)")
     # Global-norm clipping at 1 (ViT fine-tuning practice): without it the linear head on
     # DINOv2 ViT-S/14 features (norm ~42) overshoots, task-0 loss 2.54 -> 1.98 over two
     # epochs (above ln 4); with it 1.36 -> 1.05 and 65% after 5 epochs.
-    clip_grad: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "num_prompts")
+    clip_grad: float | None = option(1.0, source="ptcl (ViT fine-tuning practice)")
 
 
 @METHODS.register("vpt_seq")
 class VPTSeq(Learner):
+    """VPT-Seq: one set of visual prompts trained task after task (prompt lower bound; Jia et al., ECCV 2022)."""
+
     config_cls = VPTSeqConfig
     inputs = IMAGES
 
