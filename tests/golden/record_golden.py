@@ -2,6 +2,7 @@
 
     python tests/golden/record_golden.py            # every registered method, tiny setting
     python tests/golden/record_golden.py --cifar10  # also simplecil / ranpac on CIFAR-10
+    python tests/golden/record_golden.py --methods slca mos  # re-record these only
 
 Tiny setting: a random tiny ViT (``vit_tiny_test``), 6 train / 3 test MNIST images per
 class, tasks ``[4, 3, 3]``, one short epoch. For each method it stores the accuracy matrix
@@ -64,13 +65,19 @@ def tensor_digest(t) -> dict:
     }
 
 
-def record_tiny(out_dir: Path) -> dict:
+def record_tiny(out_dir: Path, only: list[str] | None = None) -> dict:
+    """Record every registered method, or re-record ``only`` these and keep the others'
+    records from the existing file (a result changed on purpose for one method)."""
     import ptcl
-    import ptcl.methods  # noqa: F401  (registers the methods)
     from ptcl.io import load_tensors
 
     methods = {}
-    for name in ptcl.METHODS.names():
+    if only:
+        methods = json.loads((HERE / "tiny_methods.json").read_text())["methods"]
+        unknown = sorted(set(only) - set(ptcl.METHODS.names()))
+        if unknown:
+            raise SystemExit(f"unknown methods {unknown}; registered: {ptcl.METHODS.names()}")
+    for name in only or ptcl.METHODS.names():
         m = ptcl.run(None, tiny_overrides(name), out=out_dir / name, quiet=True)
         last = out_dir / name / "checkpoints" / f"task_{m['num_tasks'] - 1:03d}.safetensors"
         methods[name] = {
@@ -78,7 +85,8 @@ def record_tiny(out_dir: Path) -> dict:
             "tensors": {k: tensor_digest(v) for k, v in sorted(load_tensors(last).items())},
         }
         print(name, m["accuracy_per_task"], flush=True)
-    return {"platform": platform_key(), "setting": [o for o in tiny_overrides("simplecil") if not o.startswith("method")], "methods": methods}
+    setting = [o for o in tiny_overrides("simplecil") if not o.startswith("method")]
+    return {"platform": platform_key(), "setting": setting, "methods": dict(sorted(methods.items()))}
 
 
 def cifar10_overrides(method: str, archive: Path) -> list[str]:
@@ -107,12 +115,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cifar10", action="store_true")
     p.add_argument("--only-cifar10", action="store_true")
+    p.add_argument("--methods", nargs="+", default=None, help="re-record only these methods (tiny setting)")
     p.add_argument("--archive", default=str(HERE.parents[2] / "shared" / "data" / "cifar10-jpg.tar.gz"))
     a = p.parse_args()
     os.environ.setdefault("PTCL_CACHE_DIR", tempfile.mkdtemp(prefix="ptcl-golden-"))
     with tempfile.TemporaryDirectory() as tmp:
         if not a.only_cifar10:
-            (HERE / "tiny_methods.json").write_text(json.dumps(record_tiny(Path(tmp)), indent=1) + "\n")
+            (HERE / "tiny_methods.json").write_text(json.dumps(record_tiny(Path(tmp), a.methods), indent=1) + "\n")
         if a.cifar10 or a.only_cifar10:
             data = record_cifar10(Path(tmp), Path(a.archive))
             (HERE / "cifar10_efficientnet.json").write_text(json.dumps(data, indent=1) + "\n")
