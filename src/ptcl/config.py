@@ -171,14 +171,24 @@ class TrainConfig(MethodConfig):
     eps: float = option(1e-8, "Adam/AdamW epsilon", gt=0, source="torch's default")
     amsgrad: bool = option(False, "Adam/AdamW with AMSGrad")
     weight_decay: float = option(0.0, "weight decay (L2, decoupled for AdamW)", ge=0)
-    scheduler: Literal["cosine", "cosine_step", "multistep", "constant"] = option(
+    scheduler: Literal["cosine", "cosine_step", "multistep", "constant", "coda_cosine"] = option(
         "cosine", "lr schedule: cosine per epoch (LAMDA-PILOT), cosine per step, step decay at "
-        "milestones, or constant (ptcl.train.optim)")
+        "milestones, constant, or CODA-Prompt's per-epoch CosineSchedule (ptcl.train.optim)")
     milestones: list[int] = option(help="multistep: epochs at which the lr is multiplied by lr_decay",
                                    gt=0, factory=list)
     lr_decay: float = option(0.1, "multistep: lr factor at each milestone", gt=0)
     warmup_steps: int = option(0, "linear lr warmup over the first optimiser steps (not with cosine)", ge=0)
     clip_grad: float | None = option(None, "max global gradient norm of every step; null: no clipping", gt=0)
+    augment: Literal["crop_flip", "resize"] = option(
+        "crop_flip", "train augmentation: RandomResizedCrop + flip (+ brightness jitter), or resize only "
+        "(DAP) (ptcl.backbones.transforms)")
+    crop_scale: list[float] = option(help="augment=crop_flip: RandomResizedCrop's area range", gt=0, le=1,
+                                     factory=lambda: [0.05, 1.0], source="LAMDA-PILOT utils/data.py build_transform")
+    brightness: float = option(0.0, "augment=crop_flip: ColorJitter brightness (0: none; SLCA CIFAR: 63/255)", ge=0)
+    interpolation: Literal["bicubic", "bilinear"] = option(
+        "bicubic", "train crop/resize resampling: bicubic (SLCA) or bilinear (torchvision's default: the "
+        "random crops of PILOT, RevisitingCIL, EASE, MOS, RanPAC, CODA-Prompt, the L2P/DualPrompt ports; DAP)")
+    shuffle: bool = option(True, "shuffle the training samples every epoch (DAP's ImageNet-R loader does not)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -188,6 +198,8 @@ class TrainConfig(MethodConfig):
             raise ConfigError(f"method.betas must be two numbers in [0, 1), got {self.betas!r}")
         if list(self.milestones) != sorted(set(self.milestones)):
             raise ConfigError(f"method.milestones must be increasing positive epochs, got {self.milestones}")
+        if len(self.crop_scale) != 2 or self.crop_scale[0] > self.crop_scale[1]:
+            raise ConfigError(f"method.crop_scale must be [min, max] with 0 < min <= max <= 1, got {self.crop_scale!r}")
         if self.warmup_steps and self.scheduler == "cosine":
             raise ConfigError("method.warmup_steps needs a per-step schedule: method.scheduler=cosine_step, "
                               "multistep or constant")
@@ -204,10 +216,31 @@ class BackboneConfig:
     pretrained: bool = option(True, "load the pre-trained weights")
     image_size: int | None = option(None, "input side in pixels; null: the backbone's own", ge=8)
     weights: str | None = option(None, "a local checkpoint (.safetensors, or .pth read weights_only)", path=True)
+    input_norm: Literal["backbone", "none", "imagenet", "custom"] = option(
+        "backbone", "input normalisation: the weights' own mean/std, none ([0, 1] pixels, the official "
+        "ViT pipelines of PILOT, APER, RanPAC, EASE, MOS, FeCAM), ImageNet's (DAP), or custom "
+        "(backbone.mean / backbone.std, e.g. SLCA's dataset statistics)")
+    mean: list[float] | None = option(None, "input_norm=custom: per-channel mean of [0, 1] pixels (3 numbers)")
+    std: list[float] | None = option(None, "input_norm=custom: per-channel std of [0, 1] pixels (3 numbers)", gt=0)
+    eval_crop_ratio: float = option(
+        1.0, "evaluation centre crop's share of the resized short side: 1.0 resizes to the input size; "
+        "0.875 is Resize(256) + CenterCrop(224) (PILOT, EASE, MOS, RevisitingCIL, SLCA)", gt=0, le=1)
+    eval_interpolation: Literal["bicubic", "bilinear"] = option(
+        "bicubic", "evaluation resize: bicubic (PILOT, SLCA) or bilinear (torchvision's default: CODA-Prompt, FeCAM)")
 
     def __post_init__(self) -> None:
         _named(self, "backbone")
         _check_common(self, "backbone")
+        given = [k for k in ("mean", "std") if getattr(self, k) is not None]
+        if self.input_norm == "custom":
+            for k in ("mean", "std"):
+                v = getattr(self, k)
+                if v is None or len(v) != 3:
+                    raise ConfigError(f"backbone.input_norm=custom needs backbone.{k} as 3 numbers "
+                                      f"(per RGB channel, of [0, 1] pixels), got {v!r}")
+        elif given:
+            raise ConfigError(f"backbone.{given[0]} is only used with backbone.input_norm=custom "
+                              f"(input_norm is {self.input_norm!r}); set input_norm=custom or drop it")
 
 
 @dataclass

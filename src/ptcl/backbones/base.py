@@ -5,25 +5,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ptcl.backbones.transforms import build_transform
+from ptcl.backbones.transforms import (
+    DEFAULT_AUGMENT,
+    Augment,
+    Preprocess,
+    eval_transform,
+    train_transform,
+)
 
 TUNING_PREFIX = "tuning_"
 """Children of the timm model whose names start with this are attached tuning modules
 (:mod:`ptcl.peft`); they have a boolean ``enabled`` switch."""
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Input geometry and normalisation a backbone expects."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 class Backbone(nn.Module):
@@ -63,10 +59,10 @@ class Backbone(nn.Module):
             raise TypeError(f"backbone {self.name} is a CNN and has no tokens")
         return self.model.forward_features(x)
 
-    def transform(self, train: bool):
-        """The torchvision transform for this backbone (train: with augmentation)."""
-        p = self.preprocess
-        return build_transform(p.image_size, p.mean, p.std, train=train)
+    def transform(self, train: bool, augment: Augment = DEFAULT_AUGMENT):
+        """The torchvision transform for this backbone (:mod:`ptcl.backbones.transforms`):
+        evaluation, or training with ``augment``."""
+        return train_transform(self.preprocess, augment) if train else eval_transform(self.preprocess)
 
     def fingerprint(self) -> str:
         """Hash of the pre-trained weights and input geometry (computed once, at build).

@@ -33,6 +33,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 
 from ptcl.backbones.base import Backbone, Preprocess
+from ptcl.backbones.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ptcl.config import BackboneConfig
 from ptcl.errors import BackboneError
 from ptcl.io import atomic_save_tensors, load_tensors, read_state_dict
@@ -41,8 +42,6 @@ from ptcl.registry import BACKBONES
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_CACHE_NAME = "dinov2_vits14_imgfocus.safetensors"
 DINO_GRID = 37  # the ONNX file's native position grid (518 / 14)
 DINO_PATCH = 14

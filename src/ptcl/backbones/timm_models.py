@@ -1,13 +1,20 @@
 """Backbones from timm: any timm model by name, and tiny random ViTs for tests.
 
-``vit_base_patch16_224.augreg_in21k`` is the ViT-B/16-IN21K of the literature (LAMDA-PILOT's
-``vit_base_patch16_224_in21k``); ``vit_base_patch16_224.augreg2_in21k_ft_in1k`` the IN1K one.
+Aliases of the field's two ViT-B/16 checkpoints (the names of LAMDA-PILOT's ``backbone_type``):
+
+* ``vit_base_patch16_224_in21k`` -> ``vit_base_patch16_224.augreg_in21k`` (ViT-B/16-IN21K);
+* ``vit_base_patch16_224_in1k`` -> ``vit_base_patch16_224.augreg_in21k_ft_in1k``
+  (ViT-B/16-IN1K: IN21K pre-training fine-tuned on IN1K), the weights timm 0.6 served for
+  ``vit_base_patch16_224``, which PILOT's and the official exps load (not the later
+  ``augreg2_in21k_ft_in1k`` re-fine-tuning, another checkpoint).
+
 Pre-trained weights are downloaded by timm from the Hugging Face hub on first use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -18,6 +25,7 @@ import timm
 import torch
 
 from ptcl.backbones.base import Backbone, Preprocess
+from ptcl.backbones.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ptcl.config import BackboneConfig
 from ptcl.errors import BackboneError
 from ptcl.io import read_state_dict
@@ -27,7 +35,8 @@ log = logging.getLogger(__name__)
 
 ALIASES = {
     "vit_base_patch16_224_in21k": "vit_base_patch16_224.augreg_in21k",
-    "vit_base_patch16_224_in1k": "vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    # the weights of timm 0.6's ``vit_base_patch16_224``, which PILOT's exps load
+    "vit_base_patch16_224_in1k": "vit_base_patch16_224.augreg_in21k_ft_in1k",
 }
 
 
@@ -154,6 +163,22 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
         bb = build_timm(cfg)
     else:
         raise BackboneError(BACKBONES.unknown_message(cfg.name) + ", or any timm model name")
+    bb.preprocess = input_options(bb.preprocess, cfg)
     bb.eval()
     bb.fingerprint()  # hash the pre-trained weights now, before any tuning module attaches
     return bb
+
+
+def input_options(pre: Preprocess, cfg: BackboneConfig) -> Preprocess:
+    """``pre`` with the config's ``input_norm`` (``backbone``: unchanged; ``none``: mean 0,
+    std 1, i.e. [0, 1] pixels; ``imagenet``: torchvision's ImageNet statistics; ``custom``:
+    ``cfg.mean`` / ``cfg.std``), ``eval_crop_ratio`` and ``eval_interpolation``."""
+    norms = {
+        "backbone": (pre.mean, pre.std),
+        "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+        "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+        "custom": (tuple(cfg.mean or ()), tuple(cfg.std or ())),
+    }
+    mean, std = norms[cfg.input_norm]
+    return dataclasses.replace(pre, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                               crop_ratio=float(cfg.eval_crop_ratio), interpolation=cfg.eval_interpolation)

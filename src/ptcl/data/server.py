@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ptcl import dist
 from ptcl.backbones.base import Backbone
+from ptcl.backbones.transforms import DEFAULT_AUGMENT, Augment
 from ptcl.data.base import DatasetSplits, ImageSet
 from ptcl.data.features import FeatureCache, extract_features
 from ptcl.data.scenario import Scenario, subset_per_class
@@ -107,6 +108,9 @@ class DataManager:
             self.index[s] = idx
             self.label[s] = lm[imgs.targets[idx]]
         self._frozen: dict[str, torch.Tensor] = {}
+        self.augment: Augment = DEFAULT_AUGMENT
+        """The train augmentation of :meth:`images` with ``train_transform`` (the runner sets
+        the method's: ``method.augment``, ``crop_scale``, ``brightness``)."""
 
     def imageset(self, split: str) -> ImageSet:
         return getattr(self.splits, split)
@@ -117,8 +121,9 @@ class DataManager:
 
     def images(self, split: str, classes: Sequence[int] | range, train_transform: bool = False) -> TaskImages:
         pos = self.positions(split, classes)
-        tf = self.backbone.transform(train=train_transform)
-        return TaskImages(self.imageset(split), self.index[split][pos], self.label[split][pos], tf, train_transform)
+        tf = self.backbone.transform(train=train_transform, augment=self.augment)
+        return TaskImages(self.imageset(split), self.index[split][pos], self.label[split][pos], tf,
+                          train_transform and self.augment.random)
 
     def images_with_features(
         self, split: str, classes: Sequence[int] | range, train_transform: bool = False

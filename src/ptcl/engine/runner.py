@@ -22,7 +22,8 @@ from safetensors import SafetensorError
 from ptcl import dist
 from ptcl._version import __version__
 from ptcl.backbones import build_backbone
-from ptcl.config import RunConfig, build_config, load_file, save_config
+from ptcl.backbones.transforms import Augment
+from ptcl.config import RunConfig, TrainConfig, build_config, load_file, save_config
 from ptcl.data.datasets import load_dataset
 from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
@@ -152,6 +153,9 @@ def _run(
         cfg.seed, backbone, cache, device, cfg.eval_batch_size, cfg.num_workers, quiet,
         subset_seed=cfg.dataset.subset_seed,
     )
+    if isinstance(cfg.method, TrainConfig):
+        m = cfg.method
+        data.augment = Augment(m.augment, (m.crop_scale[0], m.crop_scale[1]), m.brightness, m.interpolation)
     seed_everything(cfg.seed)
     ctx = LearnerContext(data=data, scenario=scenario, device=device, seed=cfg.seed, quiet=quiet)
     learner = METHODS.get(cfg.method.name)(cfg.method, backbone, ctx).to(device)

@@ -157,9 +157,10 @@ class Learner(nn.Module):
         callbacks: Sequence[Callback] = (),
     ) -> list[float]:
         """Run the one train loop (:func:`ptcl.train.fit`) over ``dataset`` (shuffled with
-        the run seed + ``seed``) with this method's options (or ``cfg``)."""
+        the run seed + ``seed`` unless ``cfg.shuffle`` is false) with this method's options
+        (or ``cfg``)."""
         cfg = cfg or self.cfg  # type: ignore[assignment]
-        loader = self.ctx.data.loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
+        loader = self.ctx.data.loader(dataset, cfg.batch_size, shuffle=getattr(cfg, "shuffle", True), seed=seed)
         return fit(self, loader, step, params, cfg, self.device, epochs, desc, self.ctx.quiet, callbacks)
 
     # -- checkpointing --------------------------------------------------------------------
