@@ -121,7 +121,7 @@ def cmd_show(a: argparse.Namespace) -> int:
 def cmd_compare(a: argparse.Namespace) -> int:
     from ptcl.io import writable_dir_error
     from ptcl.report.plots import plot_curves
-    from ptcl.report.results import compare_table, read_metrics
+    from ptcl.report.results import compare_table, protocol_warning, read_metrics
 
     plot = None
     if a.plot is not None:
@@ -133,6 +133,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
             raise PtclError(f"{why}; give a writable PNG path")
     runs = {str(Path(r)): read_metrics(r) for r in a.runs}
     _out(compare_table(runs))
+    warning = protocol_warning(runs)
+    if warning:
+        sys.stderr.write(f"ptcl: warning: {warning}\n")
     if plot is not None:
         try:
             plot_curves({f"{m['method']} ({Path(k).name})": m for k, m in runs.items()}, plot)

@@ -2,6 +2,11 @@
 
 ``A[i][j]`` is the accuracy on task ``j``'s classes after training task ``i``
 (``None`` for ``j > i``). ``acc[i]`` is the accuracy on all classes seen after task ``i``.
+
+Two forgetting measures are reported: :func:`forgetting` (``forgetting``, the standard one
+of Chaudhry et al. 2018: the best accuracy *before* the last task minus the final one; can be
+negative) and :func:`forgetting_pilot` (``forgetting_pilot``, LAMDA-PILOT's and the official
+L2P/DualPrompt/DAP codes': the maximum includes the final accuracy, so never negative).
 """
 
 from __future__ import annotations
@@ -55,14 +60,40 @@ def _square(A: Matrix) -> np.ndarray:
 
 
 def forgetting(A: Matrix) -> float | None:
-    """Average forgetting (Chaudhry et al. 2018): for each old task, the best accuracy it
-    ever had minus its final accuracy, averaged over all tasks but the last.
-    ``None`` when there is a single task."""
+    """Average forgetting (Chaudhry et al., ECCV 2018), ptcl's ``forgetting``, in percent.
+
+    For each task ``j < T-1``: its best accuracy *before the last task*,
+    ``max(A[j..T-2][j])``, minus its final accuracy ``A[T-1][j]``; averaged over the
+    ``T-1`` old tasks. Negative when old tasks improved in the last task (backward
+    transfer). ``None`` with a single task. Compare :func:`forgetting_pilot`.
+    """
     M = _square(A)
     T = len(M)
     if T < 2:
         return None
     return float(np.mean([np.nanmax(M[j : T - 1, j]) - M[T - 1, j] for j in range(T - 1)]))
+
+
+def forgetting_pilot(A: Matrix) -> float | None:
+    """Average forgetting as LAMDA-PILOT reports it (``forgetting_pilot``), in percent.
+
+    Like :func:`forgetting`, but the best accuracy of task ``j`` is taken over *all* rows,
+    the last included: ``max(A[j..T-1][j]) - A[T-1][j]``, so it is never negative (a task
+    that improved in the last task counts as 0). Averaged over the ``T-1`` old tasks;
+    ``None`` with a single task.
+
+    Source: LAMDA-PILOT ``trainer.py`` (``print_forget``): ``np.max(np_acctable, axis=1) -
+    np_acctable[:, task]`` over all columns, ``[:task]``, on the per-task ("grouped",
+    ``utils/toolkit.py`` ``accuracy``: classes ``[0, init_cls)`` then ``increment`` at a
+    time) accuracies, i.e. the rows of ``A``. The official L2P/DualPrompt PyTorch ports
+    (``engine.py`` ``evaluate_till_now``) and DAP (naver-ai/dap-cl ``src/engine/trainer.py``)
+    compute the same quantity.
+    """
+    M = _square(A)
+    T = len(M)
+    if T < 2:
+        return None
+    return float(np.mean([np.nanmax(M[j:T, j]) - M[T - 1, j] for j in range(T - 1)]))
 
 
 def backward_transfer(A: Matrix) -> float | None:

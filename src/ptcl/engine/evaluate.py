@@ -1,4 +1,20 @@
-"""Evaluation after each task: predictions on the test samples of all seen classes."""
+"""Evaluation after each task: predictions on the test samples of all seen classes.
+
+How the test samples are cut into batches is the learner's to say, through two optional
+members (a learner without them gets the default):
+
+``eval_batches(classes, batch_size) -> list[list[int]]``
+    Index batches into ``learner.eval_dataset(classes)``, each index exactly once;
+    ``batch_size`` is the run's ``eval_batch_size``. Default: the stored order cut into
+    ``batch_size`` chunks. A learner whose prediction of an image depends on the other
+    images of its batch (the prompt methods' ``batchwise_prompt``) serves the test set in
+    the order and batch size its official code tests with
+    (:meth:`~ptcl.methods.prompt_pool.PromptPoolLearner.eval_batches`).
+``eval_protocol: str``
+    What ``metrics.json`` records as ``eval_protocol`` (described in
+    :data:`ptcl.report.results.PROTOCOLS`). Default ``"per_image"``: every prediction is
+    the image's own.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +26,7 @@ from tqdm.auto import tqdm
 from ptcl.data.scenario import Task
 from ptcl.errors import TrainingDiverged
 from ptcl.methods.base import Learner
+from ptcl.report.results import PER_IMAGE
 from ptcl.seeding import isolated_rng
 from ptcl.train.loop import to_device
 
@@ -19,9 +36,32 @@ def eval_dataset(learner: Learner, classes: range) -> Dataset:
     return learner.eval_dataset(classes)
 
 
+def eval_protocol(learner: Learner) -> str:
+    """The learner's evaluation protocol for ``metrics.json`` (default ``"per_image"``)."""
+    return str(getattr(learner, "eval_protocol", PER_IMAGE))
+
+
+def eval_batches(learner: Learner, classes: range, batch_size: int, n: int) -> list[list[int]]:
+    """Index batches over the ``n`` samples of ``learner.eval_dataset(classes)``: the
+    learner's ``eval_batches`` where it has one, else the stored order in ``batch_size``
+    chunks. Raises ``RuntimeError`` unless every index in ``[0, n)`` occurs exactly once."""
+    own = getattr(learner, "eval_batches", None)
+    if own is None:
+        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    batches = [list(map(int, b)) for b in own(classes, batch_size)]
+    flat = np.sort(np.fromiter((i for b in batches for i in b), dtype=np.int64))
+    if any(not b for b in batches) or len(flat) != n or not np.array_equal(flat, np.arange(n)):
+        raise RuntimeError(
+            f"{type(learner).__name__}.eval_batches must cover each of the {n} test samples once "
+            f"in non-empty batches (got {len(flat)} indices in {len(batches)} batches)"
+        )
+    return batches
+
+
 @torch.no_grad()
 def predict_seen(learner: Learner, task: Task, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 predictions and remapped labels for every test sample of classes ``< task.end``.
+    """Top-1 predictions and remapped labels for every test sample of classes ``< task.end``,
+    in the order the learner's :func:`eval_batches` serves them (``(N,)`` each).
 
     Runs with the global random generators isolated: evaluating (and the feature-cache
     misses it may cause) never changes what the learner draws afterwards.
@@ -32,11 +72,12 @@ def predict_seen(learner: Learner, task: Task, batch_size: int = 256) -> tuple[n
 
 def _predict_seen(learner: Learner, task: Task, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     data = learner.ctx.data
-    ds = eval_dataset(learner, range(0, task.end))
+    classes = range(0, task.end)
+    ds = eval_dataset(learner, classes)
     learner.eval()
     preds, labels = [], []
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=data.num_workers,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(ds, batch_sampler=eval_batches(learner, classes, batch_size, len(ds)),
+                        num_workers=data.num_workers)
     for xb, yb in tqdm(loader, desc=f"eval {task.index}", disable=learner.ctx.quiet, leave=False):
         logits = learner.predict(to_device(xb, learner.device))
         if logits.shape[1] != task.end:

@@ -29,7 +29,7 @@ from ptcl.data.features import FeatureCache
 from ptcl.data.scenario import Scenario
 from ptcl.data.server import DataManager
 from ptcl.engine.checkpoint import save_checkpoint
-from ptcl.engine.evaluate import predict_seen
+from ptcl.engine.evaluate import eval_protocol, predict_seen
 from ptcl.engine.resources import TaskMemory
 from ptcl.engine.rundir import ResumeError, RunFolder, check_out_dir, stream_identity
 from ptcl.errors import ConfigError, PtclError, ResultsWriteError, RunInterrupted, one_line
@@ -176,6 +176,7 @@ def _run(
         "dataset_fingerprint": stream["dataset_fingerprint"],
         "device": str(device),
         "peak_memory_kind": memory.kind(),
+        "eval_protocol": eval_protocol(learner),  # per_image, or how test batches leak task identity
     }
     rows: list[dict] = []
     created = False

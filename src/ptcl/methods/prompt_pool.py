@@ -23,15 +23,31 @@ and where they enter the ViT). The prompts enter through the parameter-free
   DAP's task keys; :meth:`PromptPoolLearner.task_keys`): the training task while
   training, at test the seen task whose key is most cosine-similar to the query, and the
   check that the pool has an entry for every task of the scenario (when the learner is
-  built, so a run fails before its folder is written, and again in ``before_task``).
+  built, so a run fails before its folder is written, and again in ``before_task``);
+* the test batches (:meth:`PromptPoolLearner.eval_batches`, read by
+  :mod:`ptcl.engine.evaluate`). With ``batchwise_prompt`` the majority of a test batch picks
+  the prompts (or task) of all its images, so the batches decide the result. The official
+  codes serve test batches that hold one task: the PyTorch ports of L2P and DualPrompt
+  (JH-LEE-KR/l2p-pytorch and dualprompt-pytorch ``datasets.py``
+  ``build_continual_dataloader``: one sequential test loader per task, batch
+  ``args.batch_size``; ``engine.py`` ``evaluate_till_now`` tests task by task) and DAP
+  (naver-ai/dap-cl ``src/engine/trainer.py`` ``eval_classifier_continual``: one loader per
+  task, batch ``DATA.BATCH_SIZE``); LAMDA-PILOT's test set is sorted by class
+  (``utils/data_manager.py`` ``get_dataset`` concatenates class by class; ``models/l2p.py``,
+  ``models/dualprompt.py``: test batch ``args["batch_size"]``). Either way the vote sees
+  the task: ``eval_order: task`` / ``class`` with ``batchwise_prompt: true`` reproduce
+  these protocols, and ``metrics.json`` marks such a run (``eval_protocol``). The default
+  (``batchwise_prompt: false``) predicts every image on its own, whatever the order.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,12 +64,18 @@ from ptcl.peft.prompting import (
     select_topk,
     surrogate_pull,
 )
+from ptcl.report.results import PER_IMAGE
 
 log = logging.getLogger(__name__)
 
 
 _PROMPT_CODES = "official L2P, DualPrompt and CODA-Prompt codes"
 _L2P_PORT = "L2P PyTorch port JH-LEE-KR/l2p-pytorch, CIFAR-100 (= PILOT exps/l2p.json)"
+_TEST_LOADERS = (
+    "official test loaders: one per task in l2p-pytorch and dualprompt-pytorch datasets.py "
+    "build_continual_dataloader and dap-cl src/engine/trainer.py eval_classifier_continual; "
+    "sorted by class in LAMDA-PILOT utils/data_manager.py get_dataset"
+)
 
 
 @dataclass
@@ -82,8 +104,22 @@ class PromptPoolConfig(PromptConfig):
         "cosine of the query and the selected keys)", ge=0,
         source=f"{_L2P_PORT} (the JAX config: 1.0)")
     batchwise_prompt: bool = option(
-        False, "every image of a batch gets the batch's most frequent prompts (or task), also at "
-        "test time; false: chosen per image", source="ptcl (a deviation: the official codes use true)")
+        False, "at test time every image of a batch gets the batch's most frequent prompts (or task), "
+        "so the test batches (eval_order, eval_batch_size) decide the result; false: chosen per image",
+        source="ptcl (a deviation: the official codes use true)")
+    eval_order: Literal["mixed", "class", "task"] = option(
+        "mixed", "order in which the test samples are served, which forms the test batches: mixed = "
+        "classes and tasks mixed (with batchwise_prompt a seeded shuffle, else the stored order), "
+        "class = sorted by class (LAMDA-PILOT), task = one task after another, no batch mixing two "
+        "tasks (the official L2P, DualPrompt and DAP codes). With batchwise_prompt, class and task "
+        "let the batch vote see the task (metrics.json eval_protocol says so)",
+        source=f"ptcl (task-agnostic); {_TEST_LOADERS}")
+    eval_batch_size: int | None = option(
+        None, "test batch size; null: the training batch_size with batchwise_prompt (as every "
+        "official code tests), else the run's eval_batch_size (per-image predictions do not depend on it)",
+        ge=1, source="official test batch = training batch: l2p-pytorch/dualprompt-pytorch datasets.py "
+        "(args.batch_size: 16 / 24), dap-cl configs/base-dap.yaml (DATA.BATCH_SIZE 128), "
+        "LAMDA-PILOT models/l2p.py, dualprompt.py (args['batch_size'])")
 
 
 class PromptPoolLearner(Learner):
@@ -197,3 +233,51 @@ class PromptPoolLearner(Learner):
     def predict(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         feats, _ = self.prompted_features(x[0], x[1], None)
         return self.head(feats)
+
+    # -- evaluation protocol (read by ptcl.engine.evaluate) ----------------------------------
+    @property
+    def eval_protocol(self) -> str:
+        """``"per_image"``, or with ``batchwise_prompt`` ``"batchwise_<eval_order>_order"``
+        (``class`` / ``task``: task identity leaks through batch composition)."""
+        if not getattr(self.cfg, "batchwise_prompt", False):
+            return PER_IMAGE
+        return f"batchwise_{self.cfg.eval_order}_order"
+
+    def eval_batches(self, classes: Sequence[int] | range, batch_size: int) -> list[list[int]]:
+        """Index batches into :meth:`eval_dataset` ``(classes)`` in ``method.eval_order``, of
+        ``method.eval_batch_size`` samples (null: ``method.batch_size`` with
+        ``batchwise_prompt``, else the run's ``eval_batch_size``); see :func:`ordered_batches`."""
+        cfg = self.cfg
+        batchwise = getattr(cfg, "batchwise_prompt", False)
+        size = getattr(cfg, "eval_batch_size", None) or (cfg.batch_size if batchwise else batch_size)
+        order = getattr(cfg, "eval_order", "mixed")
+        labels = self.ctx.data.labels("test", classes).numpy()
+        ends = np.cumsum(self.ctx.scenario.sizes) if order == "task" else []
+        return ordered_batches(labels, order, size, ends, seed=self.ctx.seed if batchwise else None)
+
+
+def ordered_batches(
+    labels: np.ndarray, order: str, batch_size: int, task_ends: Sequence[int], seed: int | None = None
+) -> list[list[int]]:
+    """Batches of indices into ``labels`` ``(N,)`` (remapped class labels), each index once.
+
+    ``order``: ``"mixed"``: the stored order (``seed`` ``None``) or a permutation drawn from
+    ``seed``; ``"class"``: sorted by label, the stored order within a class, cut into
+    ``batch_size`` chunks that may straddle classes and tasks (LAMDA-PILOT's class-sorted
+    test set); ``"task"``: task by task (``task_ends``: the cumulative class counts, e.g.
+    ``[10, 20, ...]``), the stored order within a task, cut per task, so no batch holds two
+    tasks and a task's last batch may be smaller (the official per-task test loaders).
+    Raises ``ValueError`` for another ``order``.
+    """
+    labels = np.asarray(labels)
+    if order == "class":
+        groups = [np.argsort(labels, kind="stable")]
+    elif order == "task":
+        task = np.searchsorted(np.asarray(task_ends), labels, side="right")
+        groups = [np.flatnonzero(task == t) for t in np.unique(task)]
+    elif order == "mixed":
+        n = len(labels)
+        groups = [np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)]
+    else:
+        raise ValueError(f"unknown eval order {order!r}; valid: mixed, class, task")
+    return [g[i : i + batch_size].tolist() for g in groups for i in range(0, len(g), batch_size)]

@@ -1,4 +1,9 @@
-"""``metrics.json`` assembly and text tables."""
+"""``metrics.json`` assembly and text tables.
+
+``metrics.json`` reports two forgetting measures (:mod:`ptcl.metrics`) and the run's
+``eval_protocol``; its ``definitions`` entry says in words what each of them is, so a
+results file read alone says which is which.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,39 @@ from pathlib import Path
 
 from ptcl import metrics as M
 from ptcl.errors import ConfigError
+
+PER_IMAGE = "per_image"
+
+#: What each ``eval_protocol`` value of ``metrics.json`` means (the value is the learner's
+#: ``eval_protocol``; see :mod:`ptcl.engine.evaluate`).
+PROTOCOLS = {
+    PER_IMAGE: "every test image is predicted on its own, whatever the other images of its "
+               "batch (task-agnostic; ptcl's default)",
+    "batchwise_mixed_order": "the majority of each test batch picks the prompts (or task) of all its "
+                             "images; batches are random mixes of the test set, so a prediction "
+                             "depends on the other images of its batch",
+    "batchwise_class_order": "the majority of each test batch picks the prompts (or task) of all its "
+                             "images and the test set is served sorted by class (LAMDA-PILOT): task "
+                             "identity leaks through batch composition",
+    "batchwise_task_order": "the majority of each test batch picks the prompts (or task) of all its "
+                            "images and every batch holds one task (the per-task test loaders of the "
+                            "official L2P, DualPrompt and DAP codes): task identity leaks through "
+                            "batch composition",
+}
+
+DEFINITIONS = {
+    "forgetting": "average forgetting of Chaudhry et al. 2018: mean over the old tasks of (best "
+                  "accuracy before the last task - final accuracy); negative when old tasks improve",
+    "forgetting_pilot": "forgetting as LAMDA-PILOT (trainer.py) and the official L2P, DualPrompt and "
+                        "DAP codes compute it: mean over the old tasks of (best accuracy over all "
+                        "tasks, the last included - final accuracy); never negative",
+}
+
+
+def leaks_task_identity(protocol: str | None) -> bool:
+    """True for protocols whose test batches are formed by class or task (the batch vote
+    then sees the task)."""
+    return protocol is not None and protocol.startswith("batchwise_") and protocol != "batchwise_mixed_order"
 
 
 def summarize(header: dict, rows: list[dict]) -> dict:
@@ -23,6 +61,7 @@ def summarize(header: dict, rows: list[dict]) -> dict:
         "avg_acc": M.average_incremental_accuracy(acc) if acc else None,
         "last_acc": M.last_accuracy(acc) if acc else None,
         "forgetting": M.forgetting([row[:n] for row in A]),
+        "forgetting_pilot": M.forgetting_pilot([row[:n] for row in A]),
         "backward_transfer": M.backward_transfer([row[:n] for row in A]),
         "old_acc": [r["old_acc"] for r in rows],
         "new_acc": [r["new_acc"] for r in rows],
@@ -30,8 +69,13 @@ def summarize(header: dict, rows: list[dict]) -> dict:
         "total_time_s": sum(r["time_s"] for r in rows),
         "feature_time_s": sum(r.get("feature_time_s", 0.0) for r in rows),
         "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
+        "definitions": _definitions(header.get("eval_protocol", PER_IMAGE)),
         "rows": rows,
     }
+
+
+def _definitions(protocol: str) -> dict[str, str]:
+    return {**DEFINITIONS, "eval_protocol": PROTOCOLS.get(protocol, "(not described)")}
 
 
 def _f(v: float | None) -> str:
@@ -46,9 +90,24 @@ def task_table(m: dict) -> str:
             f"{_f(r['new_acc'])}  {r['time_s']:6.1f}"
         )
     lines.append(
-        f"avg_acc {_f(m['avg_acc'])}  last_acc {_f(m['last_acc'])}  forgetting {_f(m['forgetting'])}"
+        f"avg_acc {_f(m['avg_acc'])}  last_acc {_f(m['last_acc'])}  forgetting {_f(m['forgetting'])}  "
+        f"forgetting_pilot {_f(_forgetting_pilot(m))}"
     )
+    lines.append("forgetting: Chaudhry et al. (best accuracy before the last task); "
+                 "forgetting_pilot: LAMDA-PILOT's (the last task included, never negative)")
+    protocol = m.get("eval_protocol")
+    if protocol is not None and protocol != PER_IMAGE:
+        lines.append(f"eval_protocol {protocol}: {PROTOCOLS.get(protocol, '(not described)')}")
     return "\n".join(lines)
+
+
+def _forgetting_pilot(m: dict) -> float | None:
+    """``forgetting_pilot`` of a metrics dict; computed from the accuracy matrix for results
+    written before it was recorded."""
+    if "forgetting_pilot" in m:
+        return m["forgetting_pilot"]
+    A = m.get("accuracy_matrix")
+    return M.forgetting_pilot(A) if isinstance(A, list) and A else None
 
 
 def read_metrics(run_dir: str | Path) -> dict:
@@ -67,12 +126,31 @@ def read_metrics(run_dir: str | Path) -> dict:
 
 
 def compare_table(runs: dict[str, dict]) -> str:
-    head = f"{'run':<28} {'method':<12} {'backbone':<24} {'tasks':>5} {'avg':>6} {'last':>6} {'forget':>6} {'time_s':>7}"
+    """One line per run: accuracies, both forgetting measures, time and ``eval_protocol``
+    (``?`` for results written before it was recorded); then what the columns mean."""
+    head = (f"{'run':<28} {'method':<12} {'backbone':<24} {'tasks':>5} {'avg':>6} {'last':>6} "
+            f"{'forget':>6} {'f_pilot':>7} {'time_s':>7}  protocol")
     lines = [head, "-" * len(head)]
     for label, m in runs.items():
         lines.append(
             f"{label[-28:]:<28} {m['method'][:12]:<12} {m['backbone'][:24]:<24} "
             f"{m['tasks_done']:>2}/{m['num_tasks']:<2} {_f(m['avg_acc'])} {_f(m['last_acc'])} "
-            f"{_f(m['forgetting'])} {m['total_time_s']:7.1f}"
+            f"{_f(m['forgetting'])}  {_f(_forgetting_pilot(m))} {m['total_time_s']:7.1f}  "
+            f"{m.get('eval_protocol') or '?'}"
         )
+    lines.append("forget: Chaudhry et al. (best accuracy before the last task); f_pilot: LAMDA-PILOT's "
+                 "forgetting (the last task included, never negative)")
     return "\n".join(lines)
+
+
+def protocol_warning(runs: dict[str, dict]) -> str | None:
+    """A warning when ``runs`` were evaluated under different protocols (their accuracies
+    are then not comparable), or ``None``. Runs without ``eval_protocol`` count as unknown."""
+    protocols = {m.get("eval_protocol") or "?" for m in runs.values()}
+    if len(protocols) < 2:
+        return None
+    leaking = sorted(p for p in protocols if leaks_task_identity(p))
+    why = (f"; {', '.join(leaking)} leak{'s' if len(leaking) == 1 else ''} task identity through "
+           "batch composition" if leaking else "")
+    return (f"the runs were evaluated under different protocols ({', '.join(sorted(protocols))}): "
+            f"their accuracies are not comparable{why}")
