@@ -47,8 +47,21 @@ def test_config_rejects_none_and_fills_variant_defaults():
     ft = build_config(None, ["method.name=aper", "method.tuning=finetune", "method.epochs=2"]).method
     assert (ft.epochs, ft.lr, ft.batch_size, ft.weight_decay) == (2, 0.01, 128, 0.05)  # user's epochs kept
     vpt = build_config(None, ["method.name=aper", "method.tuning=vpt_deep", "method.tuning_options={dropout: 0.1}"])
-    assert vpt.method.tuning_options == {"num_prompts": 5, "dropout": 0.1}
+    assert vpt.method.tuning_options == {"num_prompts": 5, "init": "zeros", "dropout": 0.1}
     assert build_config(None, ["method.name=aper", "method.tuning=ssf"]).method.tuning_options == {"init": "paper"}
+
+
+@pytest.mark.parametrize("tuning", ["vpt_shallow", "vpt_deep"])
+def test_vpt_prompts_start_at_zero_as_apers_code(tuning, tmp_path):
+    learner, sc = make(tmp_path, tuning)
+    learner.before_task(sc.tasks[0])  # attaches the prompts
+    prompts = learner.handle.module.prompts
+    assert prompts.shape[1:] == (5, D) and torch.equal(prompts, torch.zeros_like(prompts))
+    learner.train_task(sc.tasks[0])
+    assert prompts.abs().sum() > 0  # the zero prompts still receive gradient
+    xavier, sc = make(tmp_path / "x", tuning, **{"method.tuning_options": {"init": "xavier"}})
+    xavier.before_task(sc.tasks[0])
+    assert (xavier.handle.module.prompts != 0).all()
 
 
 def test_feature_is_pretrained_then_adapted(tmp_path):

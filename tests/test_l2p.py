@@ -1,4 +1,5 @@
-"""L2P: top-N cosine key matching, sparse prompt gradients, masked head training."""
+"""L2P: top-N cosine key matching, batch-wise selection in training, U(-1, 1) init, sparse
+prompt gradients, masked head training."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def test_defaults_follow_the_official_pytorch_code():
     assert (cfg.pool_size, cfg.prompt_length, cfg.top_k) == (10, 5, 5)
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.scheduler) == ("adam", 0.001875, 16, 5, "constant")
     assert cfg.pull_coeff == 0.1 and cfg.clip_grad == 1.0 and cfg.train_mask and not cfg.batchwise_prompt
+    assert cfg.prompt_init == "uniform" and cfg.batchwise_train  # l2p-pytorch / PILOT: U(-1, 1), batch-wise
     with pytest.raises(ConfigError, match="top_k"):
         L2PConfig(top_k=11)
 
@@ -108,3 +110,43 @@ def test_train_mask_leaves_old_classes_untouched_and_backbone_frozen():
     with torch.no_grad():
         logits = learner.predict((torch.randn(3, 3, 32, 32), torch.randn(3, 32)))
     assert logits.shape == (3, 4) and int(learner.seen_tasks) == 2
+
+
+def test_prompts_and_keys_start_uniform_in_minus_one_one():
+    pool = make().pool  # default prompt_init "uniform": U(-1, 1) (l2p-pytorch, PILOT)
+    for t in (pool.prompts, pool.keys):
+        assert t.min() < -0.9 and t.max() > 0.9 and t.abs().max() <= 1
+    for init, (lo, hi) in (("uniform01", (0.0, 1.0)), ("jax", (0.0, 0.01))):
+        pool = make(prompt_init=init).pool
+        for t in (pool.prompts, pool.keys):
+            assert t.min() >= lo and t.max() <= hi and t.max() > 0.9 * hi
+
+
+def _spread_queries() -> torch.Tensor:
+    """With one-hot keys 0..9, the per-image top-2 are {0, 1}, {0, 1}, {0, 2}, {3, 4}:
+    the batch's most frequent two prompts are 0 (3 times) and 1 (twice)."""
+    q = torch.zeros(4, 32)
+    for row, (a, b) in enumerate([(0, 1), (0, 1), (0, 2), (3, 4)]):
+        q[row, a], q[row, b] = 3.0, 2.0
+    return q
+
+
+def test_training_selects_the_batch_majority_for_every_image():
+    learner = make(top_k=2)
+    learner.before_task(Task(0, 0, 3, 2))
+    with torch.no_grad():
+        learner.pool.keys.copy_(torch.eye(10, 32))
+    q = _spread_queries()
+    per_image = learner.select(q)  # test time: per image (batchwise_prompt false)
+    assert [set(r) for r in per_image.tolist()] == [{0, 1}, {0, 1}, {0, 2}, {3, 4}]
+    assert learner.select(q, training=True).tolist() == [[0, 1]] * 4
+
+    def trained_prompts(learner: L2P) -> set[int]:
+        learner.pool.prompts.grad = None
+        feats, pull = learner.prompted_features(torch.randn(4, 3, 32, 32), q, Task(0, 0, 3, 2))
+        (F.cross_entropy(learner.head(feats), torch.tensor([0, 1, 2, 0])) - 0.1 * pull).backward()
+        return set(learner.pool.prompts.grad.flatten(1).abs().sum(1).nonzero().flatten().tolist())
+
+    assert trained_prompts(learner) == {0, 1}  # every image used the batch's prompts 0 and 1
+    learner.cfg.batchwise_train = False
+    assert trained_prompts(learner) == {0, 1, 2, 3, 4}

@@ -158,6 +158,21 @@ def test_vpt_prompt_parameter_count(method: str, key: str) -> None:
 
 
 @pytest.mark.parametrize("method", VPT)
+def test_vpt_init_xavier_or_zeros(method: str) -> None:
+    model, x = _model("vit_tiny")
+    bound = math.sqrt(6 / (3 * math.prod(model.patch_embed.patch_size) + model.embed_dim))
+    (p,) = peft.attach(model, method).parameters()  # default: the VPT paper's Xavier-uniform
+    assert (p != 0).all() and p.abs().max() > bound / 2
+    peft.detach(model, method)
+    (z,) = peft.attach(model, method, init="zeros").parameters()  # APER's code
+    assert torch.equal(z, torch.zeros_like(z))
+    _train(model, x, cnn=False)
+    assert z.abs().sum() > 0  # zero prompts are trained all the same
+    with pytest.raises(ConfigError, match="init"):
+        peft.attach(_model("vit_tiny")[0], method, init="normal")
+
+
+@pytest.mark.parametrize("method", VPT)
 def test_vpt_tokens_follow_prefix_tokens(method: str) -> None:
     model, x = _model("dinov2_reg")
     n_tok = model.forward_features(x).shape[1]

@@ -57,12 +57,16 @@ _PEFT_COMMON: dict[str, Any] = {"epochs": 20, "lr": 0.01, "batch_size": 48, "wei
 
 #: LAMDA-PILOT exps/aper_{adapter,finetune,ssf,vpt_shallow,vpt_deep}.json (CIFAR-100 B0 Inc10):
 #: tuned_epoch, init_lr, batch_size, weight_decay, ffn_num 64, prompt_token_num 5. SSF
-#: starts from PILOT's random init (scale ~ N(1, .02), shift ~ N(0, .02)).
+#: starts from PILOT's random init (scale ~ N(1, .02), shift ~ N(0, .02)); VPT's prompts
+#: start at zero (APER's code: RevisitingCIL convs/vpt.py and PILOT backbone/vpt.py create
+#: ``Prompt_Tokens`` with ``torch.zeros``; ptcl's VPT module defaults to the VPT paper's
+#: Xavier-uniform).
+_VPT: dict[str, Any] = {"num_prompts": 5, "init": "zeros"}
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "adapter": {**_PEFT_COMMON, "tuning_options": {"bottleneck": 64}},
     "ssf": {**_PEFT_COMMON, "tuning_options": {"init": "paper"}},
-    "vpt_shallow": {**_PEFT_COMMON, "tuning_options": {"num_prompts": 5}},
-    "vpt_deep": {**_PEFT_COMMON, "tuning_options": {"num_prompts": 5}},
+    "vpt_shallow": {**_PEFT_COMMON, "tuning_options": dict(_VPT)},
+    "vpt_deep": {**_PEFT_COMMON, "tuning_options": dict(_VPT)},
     "finetune": {"epochs": 6, "lr": 0.01, "batch_size": 128, "weight_decay": 0.05, "tuning_options": {}},
 }
 
@@ -74,7 +78,8 @@ _VARIANTS = "LAMDA-PILOT exps/aper_*.json, CIFAR-100 B0 Inc10 (VARIANT_DEFAULTS)
 class AperConfig(FirstSessionConfig):
     """APER options. ``epochs``, ``lr``, ``batch_size`` and ``weight_decay`` left at ``None``
     take the variant's paper default (:data:`VARIANT_DEFAULTS`); ``tuning_options`` are
-    merged over the variant's (bottleneck 64 / 5 prompt tokens / SSF paper init)."""
+    merged over the variant's (bottleneck 64 / 5 prompt tokens initialised to zero / SSF
+    paper init)."""
 
     name: str = option("aper")
     tuning: Tuning = option(
@@ -90,7 +95,8 @@ class AperConfig(FirstSessionConfig):
         None, "weight decay; null: the variant's (5e-4; finetune 0.05)", source=_VARIANTS)
     tuning_options: dict[str, Any] = option(
         help="options of the tuning module (ptcl.peft), merged over the variant's: adapter bottleneck 64, "
-        "vpt_* 5 prompt tokens, ssf init 'paper'", factory=dict, source=_VARIANTS)
+        "vpt_* 5 prompt tokens with init 'zeros' (APER's code; 'xavier': the VPT paper's), ssf init 'paper'",
+        factory=dict, source=_VARIANTS)
 
     def __post_init__(self) -> None:
         if self.tuning == "none":

@@ -5,7 +5,7 @@ Jia, Tang, Chen, Cardie, Belongie, Hariharan, Lim. "Visual Prompt Tuning." ECCV 
 
 Not a continual-learning method of its own: the lower bound of prompt-based methods.
 One VPT module (``vpt_deep`` with 5 tokens per block by default, LAMDA-PILOT's VPT setting
-in APER, ``exps/adam_vpt_deep.json``; ``deep: false`` gives VPT-shallow) and a growing
+in APER, ``exps/aper_vpt_deep.json``; ``deep: false`` gives VPT-shallow) and a growing
 linear head are trained on each new task's data only, with cross-entropy over all classes
 seen so far; nothing protects old tasks, so the shared prompts and head drift and the
 method forgets. The optimiser follows the same PILOT file (SGD, lr 0.01, momentum 0.9,
@@ -28,7 +28,7 @@ from ptcl.options import option
 from ptcl.peft import TuningHandle, attach
 from ptcl.registry import METHODS
 
-_PILOT = "LAMDA-PILOT exps/adam_vpt_deep.json (APER's VPT setting)"
+_PILOT = "LAMDA-PILOT exps/aper_vpt_deep.json (APER's VPT setting)"
 
 
 @dataclass

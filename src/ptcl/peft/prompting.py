@@ -211,7 +211,8 @@ class PromptPool(nn.Module):
     """``size`` prompts of shape ``prompt_shape`` with one learnable key each (L2P-style).
 
     ``prompts``: ``(size, *prompt_shape)``; ``keys``: ``(size, key_dim)``, both drawn
-    ``U(low, high)`` (L2P's PyTorch code: ``U(0, 1)``; DualPrompt's: ``U(-1, 1)``).
+    ``U(low, high)`` (L2P's PyTorch port since its commit 173a6af, PILOT and DualPrompt:
+    ``U(-1, 1)``; L2P's JAX code: flax's default ``U(0, 0.01)``).
     Queries are matched to keys by cosine similarity.
     """
 

@@ -19,14 +19,19 @@ usual token layout; the prompts act only through attention, as in the paper. Ins
 replacement and stripping are the shared :class:`~ptcl.peft.tokens.TokenInserter`; this
 module holds only VPT's prompts and which block gets which.
 
-Prompts are initialised ``U(-v, v)`` with ``v = sqrt(6 / (3 * patch_h * patch_w + dim))``
-(the paper code's Xavier-uniform). Blocks called with an attention mask are not
-supported while prompts are active. ``forward_intermediates`` of timm is not prompt-aware.
+``init="xavier"`` (default) draws the prompts ``U(-v, v)`` with
+``v = sqrt(6 / (3 * patch_h * patch_w + dim))`` (the VPT paper code's Xavier-uniform,
+KMnP/vpt ``src/models/vit_prompt/vit.py``); ``init="zeros"`` starts them at 0, as APER's
+code (zhoudw-zdw/RevisitingCIL ``convs/vpt.py`` and LAMDA-PILOT ``backbone/vpt.py``:
+``Prompt_Tokens = nn.Parameter(torch.zeros(...))``, never re-initialised). Blocks called
+with an attention mask are not supported while prompts are active.
+``forward_intermediates`` of timm is not prompt-aware.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,22 +42,33 @@ from ptcl.peft.tokens import TokenInserter
 
 
 class VisualPrompts(TokenInserter):
-    """Prompt tokens ``prompts`` of shape ``(depth or 1, num_prompts, dim)``."""
+    """Prompt tokens ``prompts`` of shape ``(depth or 1, num_prompts, dim)``.
+
+    ``init``: ``xavier`` (the VPT paper code's Xavier-uniform) or ``zeros`` (APER's code).
+    Raises :class:`ConfigError` for ``num_prompts <= 0``, an unknown ``init`` or a second
+    VPT module on the same model.
+    """
 
     deep: bool = False
 
-    def __init__(self, model: nn.Module, *, num_prompts: int = 5, dropout: float = 0.0) -> None:
+    def __init__(
+        self, model: nn.Module, *, num_prompts: int = 5, dropout: float = 0.0,
+        init: Literal["xavier", "zeros"] = "xavier",
+    ) -> None:
         super().__init__(model, "VPT")
         if num_prompts <= 0:
             raise ConfigError(f"VPT num_prompts must be > 0, got {num_prompts}")
+        if init not in ("xavier", "zeros"):
+            raise ConfigError(f"VPT init must be 'xavier' or 'zeros', got {init!r}")
         for m in model.modules():
             if isinstance(m, VisualPrompts):
                 raise ConfigError("a VPT module is already attached; detach it first")
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", (16, 16))
         self.num_prompts = num_prompts
-        self.prompts = nn.Parameter(torch.empty(self.depth if self.deep else 1, num_prompts, self.dim))
-        v = math.sqrt(6.0 / (3 * math.prod(patch) + self.dim))
-        nn.init.uniform_(self.prompts, -v, v)
+        self.prompts = nn.Parameter(torch.zeros(self.depth if self.deep else 1, num_prompts, self.dim))
+        if init == "xavier":
+            v = math.sqrt(6.0 / (3 * math.prod(patch) + self.dim))
+            nn.init.uniform_(self.prompts, -v, v)
         self.drop = nn.Dropout(dropout)
 
     def block_tokens(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
