@@ -1,6 +1,9 @@
-"""CODA-Prompt: Gram-Schmidt init per task, frozen old components, alpha = cos(q*A, K)."""
+"""CODA-Prompt: Gram-Schmidt init per task, frozen old components, alpha = cos(q*A, K), the
+official per-epoch cosine schedule."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from ptcl.config import build_config
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.methods.coda_prompt import CodaPrompt, CodaPromptConfig, coda_weights
+from ptcl.train.callbacks import Callback
 
 
 def make(depth: int = 6, **opts) -> CodaPrompt:
@@ -29,7 +33,7 @@ def flat(learner: CodaPrompt, name: str, block: int, tasks: range) -> torch.Tens
 def test_defaults_follow_the_official_code():
     cfg = build_config({"method": {"name": "coda_prompt"}}).method
     assert (cfg.pool_size, cfg.prompt_length, cfg.layers, cfg.ortho_mu) == (100, 8, [0, 1, 2, 3, 4], 0.0)
-    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.epochs, cfg.batch_size) == ("adam", 0.001, "cosine", 20, 128)
+    assert (cfg.optimizer, cfg.lr, cfg.scheduler, cfg.epochs, cfg.batch_size) == ("adam", 0.001, "coda_cosine", 20, 128)
     assert cfg.weight_decay == 0.0 and cfg.train_mask
     with pytest.raises(ConfigError, match="even"):
         CodaPromptConfig(prompt_length=5)
@@ -130,3 +134,22 @@ def test_prefixes_go_to_the_configured_blocks_only():
     assert lengths == {0: n, 1: n + 2, 2: n, 3: n + 2, 4: n, 5: n}
     with torch.no_grad():
         torch.testing.assert_close(learner.backbone(images), plain, rtol=0, atol=0)
+
+
+def test_each_task_follows_the_official_cosine_schedule_from_the_full_lr(monkeypatch):
+    """Official learners/default.py: a new optimiser and CosineSchedule per task, stepped per
+    epoch: epoch e of K has lr * cos(99 pi e / (200 (K - 1)))."""
+    learner = make(epochs=4, lr=0.01)
+    lrs: list[float] = []
+
+    class Spy(Callback):
+        def on_epoch_start(self, state):
+            lrs.append(state.optimizer.param_groups[0]["lr"])
+
+    fit = learner.fit
+    monkeypatch.setattr(learner, "fit", lambda *a, **k: fit(*a, **k, callbacks=[Spy()]))
+    for t in TASKS[:2]:
+        learner.before_task(t)
+        learner.train_task(t)
+    official = [0.01 * math.cos(99 * math.pi * e / (200 * 3)) for e in range(4)]
+    assert lrs == pytest.approx(official * 2, rel=1e-12)

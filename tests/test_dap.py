@@ -1,15 +1,22 @@
-"""DAP: key matching picks the task, task FiLM modulates generated, input-dependent prompts."""
+"""DAP: key matching picks the task, task FiLM modulates generated, input-dependent prompts;
+the official training details (logit masking, one optimiser for all tasks, head init)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from helpers import fake_context, tiny_timm_vit
+from helpers import FakeData, fake_context, tiny_overrides, tiny_timm_vit
 
 from ptcl.config import build_config
-from ptcl.data.scenario import Task
+from ptcl.data.scenario import Scenario, Task
+from ptcl.engine.runner import run
 from ptcl.errors import ConfigError
+from ptcl.io import load_tensors
+from ptcl.methods.base import LearnerContext
 from ptcl.methods.dap import DAP, DAPConfig
+from ptcl.seeding import generator
 
 
 def make(depth: int = 4, **opts) -> DAP:
@@ -48,6 +55,7 @@ def test_defaults_follow_the_official_code():
     assert (cfg.num_tokens, cfg.task_emb_dim, cfg.pool_size, cfg.layers, cfg.pull_coeff) == (10, 16, 10, None, 0.1)
     assert (cfg.optimizer, cfg.lr, cfg.betas, cfg.amsgrad, cfg.scheduler) == ("adam", 0.01, [0.9, 0.9], True, "constant")
     assert (cfg.epochs, cfg.batch_size, cfg.clip_grad, cfg.train_mask) == (5, 128, 1.0, True)
+    assert (cfg.keep_optimizer, cfg.head_init) == (False, "default")  # ptcl's earlier results (docstring)
     with pytest.raises(ConfigError, match="exceed"):
         make(layers=[0, 4])
     with pytest.raises(ConfigError, match="pool_size"):
@@ -139,3 +147,97 @@ def test_task_logit_mask_keeps_the_predicted_tasks_classes():
         logits = learner.predict((torch.randn(3, 3, 32, 32), learner.keys[[2, 0, 1]]))
     kept = logits > -1e10
     assert kept.tolist() == [[False] * 4 + [True] * 2, [True] * 2 + [False] * 4, [False] * 2 + [True] * 2 + [False] * 2]
+
+
+# -- official training details: masking, one optimiser for all tasks, head init --------------
+def test_training_masks_every_class_outside_the_current_task():
+    """Official trainer.py: outputs[:, not current task] = -inf: old rows get no gradient."""
+    learner = make()
+    tasks = start(learner, 2)
+    seen: list[torch.Tensor] = []
+    learner.head.weight.register_hook(lambda g: seen.append(g.clone()))
+    learner.train_task(tasks[1])
+    assert seen and all(g[:2].abs().sum() == 0 and g[2:].abs().sum() > 0 for g in seen)
+
+
+def train_two_tasks(**opts) -> tuple[DAP, torch.Tensor, torch.Tensor]:
+    """``(learner, old rows after task 0, old rows after task 1)`` of the head."""
+    learner = make(**opts)
+    tasks = [Task(i, 2 * i, 2 * i + 2, 10) for i in range(2)]
+    learner.before_task(tasks[0])
+    learner.train_task(tasks[0])
+    w0 = learner.head.weight[:2].detach().clone()
+    learner.before_task(tasks[1])
+    learner.train_task(tasks[1])
+    return learner, w0, learner.head.weight[:2].detach().clone()
+
+
+def test_keep_optimizer_carries_the_adam_state_across_tasks():
+    learner, w0, w1 = train_two_tasks()
+    assert learner.optimizer_state is None and "optimizer_state" not in "".join(learner.checkpoint_state())
+    assert torch.equal(w0, w1)  # a new Adam per task: old rows (zero gradient) stay put
+    learner, w0, w1 = train_two_tasks(keep_optimizer=True)
+    state = learner.optimizer_state.state
+    # 8 images per task, batch 4, 1 epoch: 2 steps per task, counted on across the tasks
+    assert float(state["head.weight"]["step"]) == 4 and float(state["keys"]["step"]) == 4
+    assert state["head.weight"]["exp_avg"].shape == (4, 32)
+    assert not torch.equal(w0, w1)  # the carried moments still move old rows, as in the official code
+    down = [n for n in state if ".down." in n]  # token maps: trained in task 0 only, state kept
+    assert down and all(float(state[n]["step"]) == 2 for n in down)
+
+
+def test_keep_optimizer_state_survives_a_checkpoint():
+    learner, _, _ = train_two_tasks(keep_optimizer=True)
+    ckpt = learner.checkpoint_state()
+    assert "optimizer_state.head.weight.exp_avg" in ckpt and "optimizer_state.keys.max_exp_avg_sq" in ckpt
+    resumed = make(keep_optimizer=True)
+    start(resumed, 2)  # the engine replays before_task, then loads the checkpoint
+    resumed.load_checkpoint_state(ckpt)
+    assert resumed.optimizer_state.state.keys() == learner.optimizer_state.state.keys()
+    cold = make(keep_optimizer=True)  # the same weights without the optimiser state
+    start(cold, 2)
+    cold.load_checkpoint_state({k: v for k, v in ckpt.items() if not k.startswith("optimizer_state.")})
+    t2 = Task(2, 4, 6, 10)
+    for m in (learner, resumed, cold):
+        torch.manual_seed(5)  # the new head rows
+        m.before_task(t2)
+        m.train_task(t2)
+    for k, v in learner.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    assert not torch.equal(cold.head.weight, learner.head.weight)
+
+
+def test_head_init_kaiming_fan_out_is_the_official_mlp_init():
+    data = FakeData()
+    ctx = LearnerContext(data, Scenario.build(20, 2, 2, 0), torch.device("cpu"), 0, quiet=True)
+    learner = DAP(DAPConfig(num_tokens=3, task_emb_dim=4, head_init="kaiming_fan_out"), tiny_timm_vit(2), ctx)
+    tasks = [Task(i, 2 * i, 2 * i + 2, 10) for i in range(2)]
+    learner.before_task(tasks[0])
+    w0 = learner.head.weight.detach().clone()
+    learner.before_task(tasks[1])
+    w, b = learner.head.weight.detach(), learner.head.bias.detach()
+    assert torch.equal(w[:2], w0)  # old rows kept
+    assert torch.equal(b, torch.full((4,), -math.log(99)))  # official special_bias: prior 0.01
+    # N(0, 2 / fan_out) with fan_out = the 20 classes of the whole head, from the run seed
+    expected = torch.randn(2, 32, generator=generator(0, "dap-head", 1)) * math.sqrt(2 / 20)
+    torch.testing.assert_close(w[2:], expected)
+    default = make()
+    start(default, 1)
+    assert default.head.bias.abs().max() <= 1 / math.sqrt(32)  # nn.Linear's init
+
+
+def test_keep_optimizer_run_resumes_to_the_same_weights(tmp_path):
+    """Stopped after task 2 and resumed (``--resume``), a run ends with the uninterrupted
+    run's tensors, the optimiser state included."""
+    over = tiny_overrides("dap", **{"method.keep_optimizer": "true", "method.epochs": 1, "method.batch_size": 8,
+                                    "method.num_tokens": 2, "method.task_emb_dim": 4})
+    full = run(None, over, out=tmp_path / "full", quiet=True)
+    part = run(None, over, out=tmp_path / "part", quiet=True, max_tasks=2)
+    assert part["tasks_done"] == 2
+    resumed = run(resume=tmp_path / "part", quiet=True)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    last = f"checkpoints/task_{full['num_tasks'] - 1:03d}.safetensors"
+    a, b = load_tensors(tmp_path / "full" / last), load_tensors(tmp_path / "part" / last)
+    assert a.keys() == b.keys() and any(k.startswith("optimizer_state.") for k in a)
+    for k, v in a.items():
+        assert torch.equal(b[k], v), k

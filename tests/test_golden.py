@@ -20,6 +20,15 @@ import ptcl
 from ptcl.io import load_tensors
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
+
+CHANGED_ON_PURPOSE = {
+    "l2p": "issue 11: prompts and keys U(-1, 1) and batch-wise selection while training, as the "
+           "official code (prompt_init=uniform01 batchwise_train=false reproduced the earlier record)",
+    "slca": "issue 11: the official fresh final LayerNorm (fresh_norm; eps 1e-5, trained at the "
+            "backbone lr); fresh_norm=false keeps the pre-trained one",
+}
+"""Methods whose golden record was re-recorded after a change of results on purpose (named in
+the assertion message when the record differs again)."""
 TINY = json.loads((GOLDEN / "tiny_methods.json").read_text())
 
 
@@ -50,7 +59,9 @@ def test_method_reproduces_its_golden_checkpoint(name, tmp_path):
         g = RECORD.tensor_digest(got[key])
         assert (g["shape"], g["dtype"]) == (w["shape"], w["dtype"]), key
         if SAME_PLATFORM:
-            assert g["sha256"] == w["sha256"], f"{name}: {key} differs (sum {g['sum']} vs {w['sum']})"
+            assert g["sha256"] == w["sha256"], (
+                f"{name}: {key} differs (sum {g['sum']} vs {w['sum']}); last recorded change: "
+                f"{CHANGED_ON_PURPOSE.get(name, 'none')}")
         else:
             for stat in ("sum", "norm"):
                 assert math.isclose(g[stat], w[stat], rel_tol=1e-3, abs_tol=1e-4), (name, key, stat)

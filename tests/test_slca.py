@@ -1,7 +1,9 @@
-"""Property tests of SLCA: slow learner lrs, per-class Gaussian statistics, classifier
-alignment on sampled features with logit normalisation."""
+"""Property tests of SLCA: slow learner lrs, the fresh final norm, per-class Gaussian
+statistics, classifier alignment on sampled features with logit normalisation."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ from helpers import make_learner, run_task
 import ptcl.methods.alignment as alignment_mod
 import ptcl.methods.slca as slca_mod
 import ptcl.train.loop as train_mod
-from ptcl.config import build_config
+from ptcl.backbones import build_backbone
+from ptcl.config import BackboneConfig, build_config
 from ptcl.data.features import extract_features
 from ptcl.data.scenario import Scenario
 from ptcl.errors import ConfigError
@@ -167,3 +170,68 @@ def test_task_normalised_logits():
 def test_bad_config(opt):
     with pytest.raises(ConfigError):
         build_config(None, ["method.name=slca", opt])
+
+
+# -- the fresh final LayerNorm (official convs/vits.py) --------------------------------------
+def rebuilt(learner: SLCA, **opts) -> SLCA:
+    """``learner``'s SLCA built again (``opts`` set) on a tiny ViT whose final norm is not
+    at its init (weight 1.5, bias 0.25), as a pre-trained norm would be."""
+    bb = build_backbone(BackboneConfig(name="vit_tiny_test"))
+    with torch.no_grad():
+        bb.model.norm.weight.fill_(1.5)
+        bb.model.norm.bias.fill_(0.25)
+    return SLCA(dataclasses.replace(learner.cfg, **opts), bb, learner.ctx)
+
+
+def test_fresh_norm_replaces_the_pretrained_final_norm(tmp_path):
+    base, _ = make(tmp_path)
+    learner = rebuilt(base)
+    norm = learner.backbone.model.norm
+    assert isinstance(norm, torch.nn.LayerNorm) and norm.eps == 1e-5  # torch's default, as nn.LayerNorm(768)
+    assert torch.equal(norm.weight, torch.ones(32)) and torch.equal(norm.bias, torch.zeros(32))
+    assert not norm.weight.requires_grad  # frozen outside training, like the rest of the backbone
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = learner.backbone.model.forward_features(x)
+        torch.testing.assert_close(learner.backbone(x), tokens[:, 0])  # the feature is the fresh norm's output
+    kept = rebuilt(base, fresh_norm=False).backbone.model.norm
+    assert kept.eps == 1e-6 and torch.equal(kept.weight, torch.full((32,), 1.5))
+    assert torch.equal(kept.bias, torch.full((32,), 0.25))
+
+
+def test_fresh_norm_trains_at_the_backbone_lr_and_is_checkpointed(tmp_path, monkeypatch):
+    base, sc = make(tmp_path, **{"method.lr": 0.5})
+    learner = rebuilt(base)
+    norm = learner.backbone.model.norm
+    opts = []
+    real = train_mod.make_optimizer
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda p, c: opts.append(real(p, c)) or opts[-1])
+    run_task(learner, sc.tasks[0], reseed=False)
+    bb_group = opts[0].param_groups[0]
+    assert any(p is norm.weight for p in bb_group["params"]) and any(p is norm.bias for p in bb_group["params"])
+    assert bb_group["lr"] == pytest.approx(0.5 * 0.01)  # no milestone reached in one epoch
+    assert not torch.equal(norm.weight, torch.ones(32)) and not torch.equal(norm.bias, torch.zeros(32))
+    state = learner.checkpoint_state()
+    assert torch.equal(state["backbone.model.norm.weight"], norm.weight)
+    # a frozen backbone (w/o slow learner): the norm stays fresh, and checkpoints still store it
+    frozen = rebuilt(base, backbone_lr_scale=0.0)
+    assert not frozen.updates_backbone
+    run_task(frozen, sc.tasks[0], reseed=False)
+    fnorm = frozen.backbone.model.norm
+    assert torch.equal(fnorm.weight, torch.ones(32)) and torch.equal(fnorm.bias, torch.zeros(32))
+    state = frozen.checkpoint_state()
+    assert "backbone.model.norm.weight" in state and "backbone.model.blocks.0.attn.qkv.weight" not in state
+    again = rebuilt(base, backbone_lr_scale=0.0)
+    again.before_task(sc.tasks[0])
+    again.load_checkpoint_state(state)
+    assert torch.equal(again.backbone.model.norm.weight, fnorm.weight)
+
+
+def test_fresh_norm_needs_a_final_layernorm(tmp_path):
+    base, _ = make(tmp_path)
+    bb = build_backbone(BackboneConfig(name="vit_tiny_test"))
+    bb.model.norm = torch.nn.Identity()
+    with pytest.raises(ConfigError, match="fresh_norm"):
+        SLCA(base.cfg, bb, base.ctx)
+    assert isinstance(SLCA(dataclasses.replace(base.cfg, fresh_norm=False), bb, base.ctx).backbone.model.norm,
+                      torch.nn.Identity)

@@ -23,8 +23,26 @@ Implemented as in the official code (naver-ai/dap-cl, ``src/models/vit_dap/vit.p
   ``cos(q, k_t)``)/B (``SIM_LAMBDA``), gradient-norm clipping 1.0;
 * CIFAR-100: 10 prompts, task embedding 16, Adam (amsgrad, betas 0.9/0.9) lr 0.01,
   constant lr, batch 128, 5 epochs, ``pull_coeff = 0.1``. ImageNet-R: 30 prompts,
-  embedding 64, SGD lr 0.25 (momentum 0.9), 20 epochs, ``pull_coeff = 2.0``, and at test
-  the logits outside the predicted task's classes are masked (``task_logit_mask``).
+  embedding 64, SGD lr 0.25 (momentum 0.9), 20 epochs, ``pull_coeff = 2.0``;
+* logit masking (every dataset, training): the cross-entropy sees only the current task's
+  classes, the logits of old *and* unseen classes are ``-inf`` (``trainer.py``
+  ``forward_one_batch``: ``outputs[:, not_mask] = -np.inf`` for every class outside
+  ``_class_ids_mask``) -- ``train_mask: true``. At test, ImageNet-R keeps only the logits
+  of the predicted task's classes (``vit_models.py`` ``ViT.forward``, ``cfg.DATA.NAME ==
+  'imagenet_r'``: the others are filled with ``-10e10``, in training too, where it changes
+  nothing) -- ``task_logit_mask: true``; CIFAR-100 (every other dataset) masks nothing at
+  test: the argmax runs over all 100 classes, the unseen ones included (see the
+  deviations);
+* the optimiser (and its state) is built once for all tasks (``trainer.py``
+  ``Trainer.__init__``: ``make_optimizer([self.model], ...)``, then reused by
+  ``train_classifier`` for every task) -- ``keep_optimizer: true``, which also keeps its
+  state through ``--resume`` (the checkpoint stores it). The official lr scheduler runs
+  across the tasks too, but its configs keep the lr constant (``SCHEDULER: linear`` with
+  no warmup), so ptcl's schedule restarting every task changes nothing there;
+* the head is one ``NUMBER_CLASSES``-way linear layer (``mlp.py`` ``MLP`` with
+  ``MLP_NUM = 0``, ``special_bias=True``): weights ``kaiming_normal_(a=0,
+  mode='fan_out')``, i.e. N(0, 2 / number of classes), bias ``-log(99)`` (prior 0.01) --
+  ``head_init: kaiming_fan_out`` (the fan-out is the scenario's number of classes).
 
 The prompts enter through the shared :class:`~ptcl.peft.prompting.PromptInjector`: DAP
 hands it one callable per block (:meth:`DAP.block_prompts`) that generates the prompts
@@ -33,11 +51,15 @@ from the block's input; insertion, replacement and stripping are
 
 Deviations: the official test-time task choice is batch-wise (the batch's most frequent
 key, also used for the logit mask) and searches all 10 keys; here it is per image among
-the seen tasks' keys (``batchwise_prompt: true`` restores the batch majority). The official optimiser and its
-state live across all tasks; the engine re-creates it per task. The classifier is the
-toolbox's growing linear head (official: one 100-way head with kaiming-normal fan-out
-weights and a constant bias). The query is the cached feature of the un-augmented image
-(see :mod:`ptcl.methods.prompt_pool`). No dropout, as in the official model: its configs set
+the seen tasks' keys (``batchwise_prompt: true`` restores the batch majority). By default
+the optimiser is re-created every task (``keep_optimizer: false``) and the head rows take
+``nn.Linear``'s init (``head_init: default``): ptcl's results predating these options
+stay as they were; the two official values are one option each. The classifier is the
+toolbox's growing linear head: it has the seen classes' rows only, so at test on
+CIFAR-100 the unseen classes' (never trained) logits cannot win the argmax as they can in
+the official evaluation (the engine takes exactly one logit per seen class). The query is
+the cached feature of the un-augmented image (see :mod:`ptcl.methods.prompt_pool`). No
+dropout, as in the official model: its configs set
 ``MODEL.DAP.DROPOUT`` and ``MODEL.LINEAR.DROPOUT``, but ``vit_dap/vit.py`` never reads the
 first, the head ``MLP`` with ``MLP_NUM = 0`` has no hidden layer for the second to apply
 to, and the encoder is kept in eval mode.
@@ -47,19 +69,24 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
+from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.methods.prompt_pool import PromptPoolConfig, PromptPoolLearner
 from ptcl.options import option
 from ptcl.peft.prompting import TokenFn
 from ptcl.registry import METHODS
+from ptcl.seeding import generator
+from ptcl.train.optim import OptimizerMemory
 
 _OFFICIAL = "official DAP configs/base-dap.yaml + configs/dap/cifar.yaml (naver-ai/dap-cl)"
 
@@ -88,6 +115,14 @@ class DAPConfig(PromptPoolConfig):
                                     source="official DAP code (naver-ai/dap-cl)")
     task_logit_mask: bool = option(False, "at test, keep only the logits of the predicted task's classes",
                                    source=f"{_OFFICIAL} (off; ImageNet-R: on)")
+    keep_optimizer: bool = option(
+        False, "one optimiser state (momentum, Adam moments) for all tasks, kept through checkpoints; "
+        "false: a new optimiser every task",
+        source="ptcl's earlier behaviour; official DAP src/engine/trainer.py builds it once: true")
+    head_init: Literal["default", "kaiming_fan_out"] = option(
+        "default", "init of each task's head rows: nn.Linear's default, or the official N(0, 2 / number of "
+        "classes) weights and bias -log(99)",
+        source="ptcl's earlier behaviour; official DAP src/models/mlp.py (last_layer): kaiming_fan_out")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,10 +177,40 @@ class DAP(PromptPoolLearner):
         self.keys = nn.Parameter(torch.empty(cfg.pool_size, backbone.feature_dim).uniform_(-v, v))
         self.task_emb = nn.Embedding(cfg.pool_size, cfg.task_emb_dim)
         self.register_buffer("task_ends", torch.zeros(0, dtype=torch.long))
+        #: the optimiser state carried across tasks (``keep_optimizer``), in the checkpoint
+        self.optimizer_state = OptimizerMemory() if cfg.keep_optimizer else None
 
     def before_task(self, task: Task) -> None:
         super().before_task(task)
         self.task_ends = torch.cat([self.task_ends, self.task_ends.new_tensor([task.end])])
+        if self.cfg.head_init == "kaiming_fan_out":
+            self.init_head_rows(task)
+
+    @torch.no_grad()
+    def init_head_rows(self, task: Task) -> None:
+        """The official head init of ``task``'s new rows: ``kaiming_normal_(mode='fan_out')``
+        of the full head (std ``sqrt(2 / number of classes)``, the scenario's) and the bias
+        ``-log((1 - 0.01) / 0.01)``; drawn from a generator of the run seed and the task."""
+        scenario = getattr(self.ctx, "scenario", None)
+        n_classes = scenario.num_classes if scenario is not None else task.end
+        w, b = self.head.weight, self.head.bias
+        g = generator(self.ctx.seed, "dap-head", task.index)
+        rows = torch.randn(task.num_new, w.shape[1], generator=g) * math.sqrt(2.0 / n_classes)
+        w[-task.num_new:] = rows.to(w)
+        b[-task.num_new:] = -math.log((1 - 0.01) / 0.01)
+
+    def fit(self, dataset: Dataset, step: Callable, params: Iterable, cfg: TrainConfig | None = None,
+            *args: Any, **kwargs: Any) -> list[float]:
+        """The learner's :meth:`~ptcl.methods.base.Learner.fit`; with ``keep_optimizer`` the
+        optimiser starts from the state the previous task left
+        (:class:`~ptcl.train.optim.OptimizerMemory`) and leaves its own for the next."""
+        if self.optimizer_state is None:
+            return super().fit(dataset, step, params, cfg, *args, **kwargs)
+        names = {id(p): n for n, p in self.named_parameters()}
+        opt = self.optimizer_state.optimizer([(names[id(p)], p) for p in params], cfg or self.cfg)
+        losses = super().fit(dataset, step, opt, cfg, *args, **kwargs)
+        self.optimizer_state.remember(opt)
+        return losses
 
     def trains_down(self, task: Task | None) -> bool:
         """Whether the generators' token maps are trained in ``task`` (None: test)."""

@@ -9,7 +9,14 @@ Implemented, per task:
 1. *Slow learner*: the whole backbone and a new linear head for the task's classes are
    trained with cross-entropy on the current task's data only (old classes' logits are
    masked out; old heads are frozen). SGD, the backbone's lr is the head's lr times
-   ``backbone_lr_scale`` (1/100), step decay at ``milestones``.
+   ``backbone_lr_scale`` (1/100), step decay at ``milestones``. As in the official backbone
+   (``convs/vits.py``, ``vit_base_patch16_224_in21k``: ``del model.norm; model.norm =
+   nn.LayerNorm(768)``), the ViT's final LayerNorm (the one the pooled feature passes
+   last) is not the pre-trained one but a fresh ``nn.LayerNorm`` (weight 1, bias 0, torch's
+   ``eps`` 1e-5), made when the learner is built and trained with the rest of the backbone
+   at the backbone's lr (``models/slca.py`` gives ``convnet.parameters()`` to that group;
+   with ``backbone_lr_scale = 0`` it stays fresh); ``fresh_norm: false`` keeps the
+   pre-trained norm. Checkpoints always store it.
 2. *Class statistics*: mean and covariance (+ ``cov_ridge`` * I) of each new class's
    features (eval transform, current backbone). Old classes keep the statistics from the
    task that taught them (exemplar-free); they are buffers, so checkpoints restore them.
@@ -47,9 +54,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.features import extract_features
 from ptcl.data.scenario import Task
+from ptcl.errors import ConfigError
 from ptcl.heads.class_statistics import SharedCovariance, class_gaussians
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.alignment import classifier_alignment
@@ -96,6 +105,10 @@ class SLCAConfig(TrainConfig):
         ge=0, lt=1, source=f"{_CODE} (0.9 + 0.1 (t+1)/(T+1))")
     cov_ridge: float = option(1e-4, "added to the diagonal of every class covariance", ge=0,
                               source="official SLCA models/base.py (_compute_class_mean)")
+    fresh_norm: bool = option(
+        True, "replace the ViT's pre-trained final LayerNorm by a fresh one (weight 1, bias 0, eps 1e-5), "
+        "trained at the backbone's lr", source="official SLCA convs/vits.py (del model.norm; "
+        "model.norm = nn.LayerNorm(768))")
 
 
 def task_normalised_logits(logits: torch.Tensor, bounds: list[int], temperature: float) -> torch.Tensor:
@@ -105,6 +118,25 @@ def task_normalised_logits(logits: torch.Tensor, bounds: list[int], temperature:
     """
     norms = torch.stack([logits[:, a:b].norm(dim=1) + 1e-7 for a, b in zip(bounds[:-1], bounds[1:])], 1)
     return logits / norms.mean(1, keepdim=True) / temperature
+
+
+def fresh_final_norm(backbone: Backbone) -> str:
+    """Replace the final LayerNorm of a timm ViT (``fc_norm`` where the model pools through
+    one, else ``norm``) by a fresh ``nn.LayerNorm`` (weight 1, bias 0, torch's default
+    ``eps`` 1e-5) on the same device, as the official SLCA backbone does. Returns its
+    attribute name in ``backbone.model``.
+
+    Raises :class:`ConfigError` when the backbone has no final LayerNorm (a CNN)."""
+    model = backbone.model
+    for name in ("fc_norm", "norm"):
+        old = getattr(model, name, None)
+        if isinstance(old, nn.LayerNorm):
+            new = nn.LayerNorm(old.normalized_shape).to(device=old.weight.device, dtype=old.weight.dtype)
+            new.requires_grad_(old.weight.requires_grad)
+            setattr(model, name, new)
+            return name
+    raise ConfigError(f"method.fresh_norm needs a ViT whose features pass a final LayerNorm; {backbone.name} "
+                      "has none: set method.fresh_norm=false")
 
 
 @METHODS.register("slca")
@@ -123,6 +155,10 @@ class SLCA(Learner):
         self.aligned = IncrementalLinear(dim)  # after classifier alignment: used to predict
         self.register_buffer("class_means", torch.zeros(0, dim))
         self.register_buffer("class_covs", torch.zeros(0, dim, dim))
+        if cfg.fresh_norm:
+            name = fresh_final_norm(backbone)
+            # no longer a pre-trained tensor: checkpoints store it even with a frozen backbone
+            self._pretrained_keys -= {f"backbone.model.{name}.weight", f"backbone.model.{name}.bias"}
 
     def before_task(self, task: Task) -> None:
         self.head.grow(task.num_new)

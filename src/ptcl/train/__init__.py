@@ -2,6 +2,6 @@
 
 from ptcl.train.callbacks import AfterStep, Callback, LoopState
 from ptcl.train.loop import fit, to_device
-from ptcl.train.optim import LRSchedule, make_optimizer
+from ptcl.train.optim import LRSchedule, OptimizerMemory, make_optimizer
 
-__all__ = ["AfterStep", "Callback", "LRSchedule", "LoopState", "fit", "make_optimizer", "to_device"]
+__all__ = ["AfterStep", "Callback", "LRSchedule", "LoopState", "OptimizerMemory", "fit", "make_optimizer", "to_device"]

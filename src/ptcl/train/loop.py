@@ -31,7 +31,7 @@ def fit(
     module: nn.Module,
     loader: DataLoader,
     step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    params: Iterable,
+    params: Iterable | torch.optim.Optimizer,
     cfg: TrainConfig,
     device: torch.device,
     epochs: int | None = None,
@@ -42,7 +42,10 @@ def fit(
     """Train ``module`` for ``epochs`` (default ``cfg.epochs``); ``step(x, y) -> loss``.
 
     ``loader`` yields ``(x, y)`` batches each epoch; ``x`` may be a tuple of tensors (e.g.
-    images and their cached query features). The optimiser and lr schedule come from
+    images and their cached query features). ``params``: tensors or param-group dicts (a
+    new optimiser is made from ``cfg``), or an existing ``torch.optim.Optimizer``, used as
+    it is: its state (momentum, Adam moments) carries over from earlier fits and each
+    group's lr restarts from its first value (``initial_lr``). The lr schedule comes from
     ``cfg`` (:mod:`ptcl.train.optim`); ``cfg.clip_grad`` clips the global gradient norm;
     ``callbacks`` are called per step and per epoch (:mod:`ptcl.train.callbacks`).
     Returns the mean loss of each epoch.
@@ -51,7 +54,12 @@ def fit(
     infinite (before that step changes any weight), naming the epoch and step.
     """
     epochs = cfg.epochs if epochs is None else epochs
-    opt = make_optimizer(params, cfg)
+    if isinstance(params, torch.optim.Optimizer):
+        opt = params
+        for g in opt.param_groups:  # the schedule restarts from the first lr
+            g["lr"] = g.setdefault("initial_lr", g["lr"])
+    else:
+        opt = make_optimizer(params, cfg)
     sched = LRSchedule(opt, cfg, epochs, len(loader))
     state = LoopState(0, epochs, 0, len(loader), 0, opt)
     module.train()
