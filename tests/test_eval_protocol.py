@@ -17,6 +17,7 @@ from helpers import make_learner, tiny_overrides
 
 from ptcl.cli import main
 from ptcl.engine.evaluate import eval_batches, eval_protocol, predict_seen
+from ptcl.methods.base import Learner
 from ptcl.methods.prompt_pool import ordered_batches
 from ptcl.registry import METHODS
 from ptcl.report.results import compare_table, leaks_task_identity, protocol_warning
@@ -67,8 +68,9 @@ def test_the_engine_checks_a_learners_batches():
     with pytest.raises(RuntimeError, match="cover each of the 4 test samples once"):
         eval_batches(Drops(), range(2), 2, 4)
 
-    class Plain:  # a learner without the hooks: stored order, per image
-        pass
+    class Plain:  # the Learner defaults: stored order, per image
+        eval_protocol = Learner.eval_protocol
+        eval_batches = Learner.eval_batches
 
     assert eval_batches(Plain(), range(2), 3, 7) == [[0, 1, 2], [3, 4, 5], [6]]
     assert eval_protocol(Plain()) == "per_image"

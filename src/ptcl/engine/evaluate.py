@@ -1,12 +1,12 @@
 """Evaluation after each task: predictions on the test samples of all seen classes.
 
-How the test samples are cut into batches is the learner's to say, through two optional
-members (a learner without them gets the default):
+How the test samples are cut into batches is the learner's to say, through two members of
+:class:`~ptcl.methods.base.Learner`:
 
-``eval_batches(classes, batch_size) -> list[list[int]]``
+``eval_batches(classes, batch_size) -> list[list[int]] | None``
     Index batches into ``learner.eval_dataset(classes)``, each index exactly once;
-    ``batch_size`` is the run's ``eval_batch_size``. Default: the stored order cut into
-    ``batch_size`` chunks. A learner whose prediction of an image depends on the other
+    ``batch_size`` is the run's ``eval_batch_size``. Default (``None``): the stored order
+    cut into ``batch_size`` chunks. A learner whose prediction of an image depends on the other
     images of its batch (the prompt methods' ``batchwise_prompt``) serves the test set in
     the order and batch size its official code tests with
     (:meth:`~ptcl.methods.prompt_pool.PromptPoolLearner.eval_batches`).
@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from ptcl.data.scenario import Task
 from ptcl.errors import TrainingDiverged
 from ptcl.methods.base import Learner
-from ptcl.report.results import PER_IMAGE
 from ptcl.seeding import isolated_rng
 from ptcl.train.loop import to_device
 
@@ -38,17 +37,17 @@ def eval_dataset(learner: Learner, classes: range) -> Dataset:
 
 def eval_protocol(learner: Learner) -> str:
     """The learner's evaluation protocol for ``metrics.json`` (default ``"per_image"``)."""
-    return str(getattr(learner, "eval_protocol", PER_IMAGE))
+    return str(learner.eval_protocol)
 
 
 def eval_batches(learner: Learner, classes: range, batch_size: int, n: int) -> list[list[int]]:
     """Index batches over the ``n`` samples of ``learner.eval_dataset(classes)``: the
     learner's ``eval_batches`` where it has one, else the stored order in ``batch_size``
     chunks. Raises ``RuntimeError`` unless every index in ``[0, n)`` occurs exactly once."""
-    own = getattr(learner, "eval_batches", None)
+    own = learner.eval_batches(classes, batch_size)
     if own is None:
         return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    batches = [list(map(int, b)) for b in own(classes, batch_size)]
+    batches = [list(map(int, b)) for b in own]
     flat = np.sort(np.fromiter((i for b in batches for i in b), dtype=np.int64))
     if any(not b for b in batches) or len(flat) != n or not np.array_equal(flat, np.arange(n)):
         raise RuntimeError(

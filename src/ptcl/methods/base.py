@@ -140,6 +140,17 @@ class Learner(nn.Module):
         """Test samples of ``classes`` in the form :meth:`predict` takes."""
         return self.inputs.dataset(self, "test", classes)
 
+    #: What ``metrics.json`` records as ``eval_protocol`` (:data:`ptcl.report.results.PROTOCOLS`):
+    #: ``"per_image"`` unless a prediction depends on the other images of its test batch.
+    eval_protocol: str = "per_image"
+
+    def eval_batches(self, classes: Sequence[int] | range, batch_size: int) -> list[list[int]] | None:
+        """Index batches into :meth:`eval_dataset` ``(classes)``, each index exactly once, or
+        ``None`` (the default): the stored order in chunks of the run's ``batch_size``. A
+        learner whose prediction of an image depends on its batch (``batchwise_prompt``)
+        serves the order and batch size of its official test loaders."""
+        return None
+
     # -- helpers for subclasses ---------------------------------------------------------
     @property
     def device(self) -> torch.device:
