@@ -11,9 +11,10 @@ from ptcl.config import build_config
 from ptcl.data.scenario import Scenario
 from ptcl.errors import ConfigError
 from ptcl.experts import average, ema_
-from ptcl.methods.mos import MOS, orth_loss
+from ptcl.methods.mos import MOS, flatten, orth_loss, unflatten
 
 D = 32  # vit_tiny_test feature dim
+L = 2  # vit_tiny_test blocks, each with an adapter
 
 
 def make(tmp_path, **extra) -> tuple[MOS, Scenario]:
@@ -25,8 +26,11 @@ def test_config_defaults_and_validation():
     cfg = build_config(None, ["method.name=mos"]).method
     assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.bottleneck) == (20, 0.03, 48, 5e-4, 16)
     assert (cfg.adapter_momentum, cfg.reg, cfg.ensemble, cfg.ca_epochs, cfg.ca_lr) == (0.1, 0.1, True, 30, 0.005)
+    assert cfg.merge == "per_step"
     with pytest.raises(ConfigError, match="adapter_momentum"):
         build_config(None, ["method.name=mos", "method.adapter_momentum=2"])
+    with pytest.raises(ConfigError, match="merge"):
+        build_config(None, ["method.name=mos", "method.merge=every_block"])
 
 
 def test_adapter_merge_equals_the_formula_on_stored_weights(tmp_path):
@@ -140,3 +144,104 @@ def test_classifier_alignment_trains_on_sampled_old_class_features(tmp_path):
     per_class = learner.cfg.batch_size * 5 * 3
     assert counts.tolist() == [per_class] * 4  # old classes 0, 1 are sampled as often as new ones
     assert (learner.head(centers).argmax(1) == torch.arange(4)).all()  # old classes now recognised
+
+
+# -- merge=official: the official code's merge timing ---------------------------------------
+
+
+def record_merges(learner: MOS, monkeypatch) -> list[str]:
+    """Events in order: "F" a backbone forward, "M" one merge (``ema_`` or ``ema``), "fit" /
+    "/fit" the start / end of :meth:`MOS.fit`."""
+    import ptcl.methods.mos as mos
+
+    events: list[str] = []
+    for name in ("ema_", "ema"):
+        real = getattr(mos, name)
+        monkeypatch.setattr(mos, name, lambda *a, real=real: (events.append("M"), real(*a))[1])
+    learner.backbone.register_forward_pre_hook(lambda *_: events.append("F"))
+    real_fit = learner.fit
+
+    def fit(*args, **kwargs):
+        events.append("fit")
+        out = real_fit(*args, **kwargs)
+        events.append("/fit")
+        return out
+
+    monkeypatch.setattr(learner, "fit", fit)
+    return events
+
+
+@pytest.mark.parametrize("merge", ["per_step", "official"])
+def test_merges_per_optimiser_step_and_per_forward(tmp_path, monkeypatch, merge):
+    learner, sc = make(tmp_path, **{"method.merge": merge})
+    events = record_merges(learner, monkeypatch)
+    run_task(learner, sc.tasks[0])
+    assert "M" not in events  # task 0: nothing to merge towards
+    events.clear()
+    run_task(learner, sc.tasks[1])
+    end = events.index("/fit")
+    train, stats = events[1:end], events[end + 1 : events.index("fit", end)]
+    n_steps = 2 * 3  # 2 epochs x 3 batches (12 images, batch 4)
+    if merge == "per_step":
+        assert train == ["F", "M"] * n_steps  # once, after the optimiser step
+        assert "M" not in stats
+    else:  # before each of the L blocks of every forward, then once after the step
+        assert train == ["F", *["M"] * L, "M"] * n_steps
+        assert stats == ["F", *["M"] * L] * 2  # 2 classes, one batch of 3 x 4 each
+
+
+@pytest.mark.parametrize("merge", ["per_step", "official"])
+def test_stored_adapters_drift_at_test_forwards_only_in_official_mode(tmp_path, merge):
+    learner, sc = make(tmp_path, **{"method.merge": merge})
+    for task in sc.tasks[:2]:
+        run_task(learner, task)
+    a0, a1 = (learner.experts[k].state_dict() for k in range(2))
+    f1, _ = learner.features("test", range(4))  # 12 images: 3 batches of 4
+    f2, _ = learner.features("test", range(4))
+    b0, b1 = (learner.experts[k].state_dict() for k in range(2))
+    assert all(torch.equal(v, a0[k]) for k, v in b0.items())  # adapter 0 never merges
+    assert torch.equal(f1[:, :D], f2[:, :D])
+    if merge == "per_step":
+        assert all(torch.equal(v, a1[k]) for k, v in b1.items())
+        assert torch.equal(f1, f2)
+        return
+    keep = 0.9 ** (L * 6)  # L merges per batch, 6 batches: A_1 -> A_0 + 0.9^(L n) (A_1 - A_0)
+    for k, v in b1.items():
+        torch.testing.assert_close(v, a0[k] + keep * (a1[k] - a0[k]), rtol=1e-4, atol=1e-6)
+    assert not torch.equal(f1[:, D:], f2[:, D:])  # the second evaluation saw other weights: no cache
+
+
+def test_official_statistics_drift_the_next_tasks_start_not_the_stored_adapter(tmp_path, monkeypatch):
+    learner, sc = make(tmp_path, **{"method.merge": "official"})
+    for task in sc.tasks[:2]:
+        run_task(learner, task)
+    experts = learner.experts
+    a0, a1 = (experts.parameters_of(k) for k in range(2))
+    for k in range(2):
+        torch.testing.assert_close(learner.snapshots[k], flatten(experts.parameters_of(k)), rtol=0, atol=0)
+    keep = 0.9 ** (L * 2)  # statistics: one batch per class, 2 classes
+    want = {n: a0[n] + keep * (a1[n] - a0[n]) for n in a1}
+    for n, v in unflatten(learner.carry, a1).items():
+        torch.testing.assert_close(v, want[n], rtol=1e-4, atol=1e-6)
+    starts = []
+    real_fit = learner.fit
+    monkeypatch.setattr(learner, "fit", lambda *a, **k: (starts.append(flatten(experts.parameters_of(2))),
+                                                        real_fit(*a, **k))[1])
+    carry = learner.carry.clone()
+    run_task(learner, sc.tasks[2])
+    torch.testing.assert_close(starts[0], carry, rtol=0, atol=0)  # task 2 starts from the drifted adapter
+
+
+def test_official_state_round_trips(tmp_path):
+    learner, sc = make(tmp_path, **{"method.merge": "official"})
+    for task in sc.tasks[:2]:
+        run_task(learner, task)
+    learner.features("test", range(4))  # drift the stored adapter
+    state = learner.checkpoint_state()
+    assert {"snapshots", "carry"} <= set(state)
+    fresh, _ = make(tmp_path, **{"method.merge": "official"})
+    for task in sc.tasks[:2]:
+        fresh.before_task(task)
+    fresh.load_checkpoint_state(state)
+    torch.testing.assert_close(fresh.features("test", range(4))[0], learner.features("test", range(4))[0],
+                               rtol=0, atol=0)
