@@ -241,3 +241,33 @@ def test_keep_optimizer_run_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and any(k.startswith("optimizer_state.") for k in a)
     for k, v in a.items():
         assert torch.equal(b[k], v), k
+
+
+def test_unseen_logits_score_the_unseen_classes_initial_rows():
+    ctx = LearnerContext(FakeData(), Scenario.build(10, 2, 2, 0), torch.device("cpu"), 0, quiet=True)
+    opts = {"num_tokens": 3, "task_emb_dim": 4, "head_init": "kaiming_fan_out"}
+    learner = DAP(DAPConfig(**opts, unseen_logits=True), tiny_timm_vit(2), ctx)
+    tasks = ctx.scenario.tasks
+    learner.before_task(tasks[0])
+    x = (torch.randn(3, 3, 32, 32), torch.randn(3, 32))
+    with torch.no_grad():
+        logits = learner.predict(x)
+    assert logits.shape == (3, 10) and learner.scores_unseen_classes
+    # the unseen columns are exactly what the later tasks' rows will start from
+    w, b = learner.unseen_head(2)
+    for t in tasks[1:]:
+        learner.before_task(t)
+    assert torch.equal(w, learner.head.weight.detach()[2:]) and torch.equal(b, learner.head.bias.detach()[2:])
+    # without the option only the seen classes are scored
+    seen_only = DAP(DAPConfig(**opts), tiny_timm_vit(2), ctx)
+    seen_only.before_task(tasks[0])
+    assert seen_only.predict(x).shape == (3, 2) and not seen_only.scores_unseen_classes
+    with pytest.raises(ConfigError, match="head_init=kaiming_fan_out"):
+        DAPConfig(unseen_logits=True)
+
+
+def test_the_engine_counts_an_unseen_class_prediction_as_wrong(tmp_path):
+    over = tiny_overrides("dap", **{"method.epochs": 1, "method.batch_size": 8, "method.head_init": "kaiming_fan_out",
+                                    "method.unseen_logits": True, "scenario.init_cls": 4, "scenario.increment": 3})
+    m = run(None, over, out=tmp_path / "run", quiet=True, max_tasks=1)
+    assert 0 <= m["accuracy_per_task"][0] <= 100

@@ -79,7 +79,8 @@ def _predict_seen(learner: Learner, task: Task, batch_size: int) -> tuple[np.nda
                         num_workers=data.num_workers)
     for xb, yb in tqdm(loader, desc=f"eval {task.index}", disable=learner.ctx.quiet, leave=False):
         logits = learner.predict(to_device(xb, learner.device))
-        if logits.shape[1] != task.end:
+        extra_ok = learner.scores_unseen_classes and task.end < logits.shape[1] <= learner.ctx.scenario.num_classes
+        if logits.shape[1] != task.end and not extra_ok:
             raise RuntimeError(f"{type(learner).__name__}.predict returned {logits.shape[1]} logits, expected {task.end}")
         bad = torch.isnan(logits) | torch.isposinf(logits)
         if bool(bad.any()):

@@ -28,6 +28,11 @@ The temporary training head is a cosine classifier with a learnable scale, as PI
 with large feature norms such as the DINOv2 ViT-S/14 needs about 16, see
 :func:`ptcl.methods.adapt.temporary_head`); cosine annealing ends at lr 0 (PILOT
 ``min_lr`` 0 in these exps).
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/aper_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

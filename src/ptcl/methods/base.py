@@ -140,6 +140,11 @@ class Learner(nn.Module):
         """Test samples of ``classes`` in the form :meth:`predict` takes."""
         return self.inputs.dataset(self, "test", classes)
 
+    #: ``predict`` may return logits for classes not seen yet after the seen ones (an official
+    #: evaluation over a full-size head, e.g. DAP's on CIFAR-100): a prediction of an unseen class
+    #: counts as wrong. Otherwise ``predict`` returns exactly one logit per seen class.
+    scores_unseen_classes: bool = False
+
     #: What ``metrics.json`` records as ``eval_protocol`` (:data:`ptcl.report.results.PROTOCOLS`):
     #: ``"per_image"`` unless a prediction depends on the other images of its test batch.
     eval_protocol: str = "per_image"

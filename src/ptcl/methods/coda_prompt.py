@@ -39,6 +39,11 @@ only while they are still mutually orthogonal (after training they are not); her
 vectors are projected off an orthonormal basis (QR) of the old ones' span, so they are
 exactly orthogonal to every old component. (``scheduler=cosine`` gives the toolbox's
 ``(1 + cos(pi e / K)) / 2`` per epoch instead, whose mean lr is ~20% lower at K = 20.)
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/coda_prompt_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

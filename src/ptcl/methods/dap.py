@@ -55,14 +55,20 @@ the seen tasks' keys (``batchwise_prompt: true`` restores the batch majority). B
 the optimiser is re-created every task (``keep_optimizer: false``) and the head rows take
 ``nn.Linear``'s init (``head_init: default``): ptcl's results predating these options
 stay as they were; the two official values are one option each. The classifier is the
-toolbox's growing linear head: it has the seen classes' rows only, so at test on
-CIFAR-100 the unseen classes' (never trained) logits cannot win the argmax as they can in
-the official evaluation (the engine takes exactly one logit per seen class). The query is
+toolbox's growing linear head with the seen classes' rows only, so by default the unseen
+classes' (never trained) logits cannot win the argmax at test as they can in the official
+CIFAR-100 evaluation; ``unseen_logits: true`` (with ``head_init: kaiming_fan_out``) appends
+the unseen classes' initial rows at test, which restores it (such a prediction is wrong). The query is
 the cached feature of the un-augmented image (see :mod:`ptcl.methods.prompt_pool`). No
 dropout, as in the official model: its configs set
 ``MODEL.DAP.DROPOUT`` and ``MODEL.LINEAR.DROPOUT``, but ``vit_dap/vit.py`` never reads the
 first, the head ``MLP`` with ``MLP_NUM = 0`` has no hidden layer for the second to apply
 to, and the encoder is kept in eval mode.
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/dap_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations
@@ -123,9 +129,17 @@ class DAPConfig(PromptPoolConfig):
         "default", "init of each task's head rows: nn.Linear's default, or the official N(0, 2 / number of "
         "classes) weights and bias -log(99)",
         source="ptcl's earlier behaviour; official DAP src/models/mlp.py (last_layer): kaiming_fan_out")
+    unseen_logits: bool = option(
+        False, "at test, also score the classes of the tasks not seen yet with their untrained (initial) head "
+        "rows, so they can take the argmax (a wrong prediction), as the official one full-size head does on "
+        "CIFAR-100; needs head_init=kaiming_fan_out",
+        source="ptcl (only the seen classes); official DAP trainer.py eval on CIFAR (no mask over 100 classes): true")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.unseen_logits and self.head_init != "kaiming_fan_out":
+            raise ConfigError("method.unseen_logits scores the official head's initial rows of the unseen classes; "
+                              "set method.head_init=kaiming_fan_out too")
         if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
             raise ConfigError(f"method.layers must be distinct block indices >= 0 (or null: all), got {self.layers}")
 
@@ -191,13 +205,31 @@ class DAP(PromptPoolLearner):
         """The official head init of ``task``'s new rows: ``kaiming_normal_(mode='fan_out')``
         of the full head (std ``sqrt(2 / number of classes)``, the scenario's) and the bias
         ``-log((1 - 0.01) / 0.01)``; drawn from a generator of the run seed and the task."""
+        w, b = self.head.weight, self.head.bias
+        rows, bias = self.initial_head_rows(task)
+        w[-task.num_new:] = rows.to(w)
+        b[-task.num_new:] = bias
+
+    def initial_head_rows(self, task: Task) -> tuple[torch.Tensor, float]:
+        """``(num_new, D)`` initial weights of ``task``'s head rows and their bias (see
+        :meth:`init_head_rows`); the same numbers whenever they are drawn."""
         scenario = getattr(self.ctx, "scenario", None)
         n_classes = scenario.num_classes if scenario is not None else task.end
-        w, b = self.head.weight, self.head.bias
         g = generator(self.ctx.seed, "dap-head", task.index)
-        rows = torch.randn(task.num_new, w.shape[1], generator=g) * math.sqrt(2.0 / n_classes)
-        w[-task.num_new:] = rows.to(w)
-        b[-task.num_new:] = -math.log((1 - 0.01) / 0.01)
+        rows = torch.randn(task.num_new, self.head.weight.shape[1], generator=g) * math.sqrt(2.0 / n_classes)
+        return rows, -math.log((1 - 0.01) / 0.01)
+
+    def unseen_head(self, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U, D)`` weights and ``(U,)`` biases of the classes after the first ``seen``: the
+        rows their tasks will start from (``unseen_logits``)."""
+        future = [t for t in self.ctx.scenario.tasks if t.start >= seen]
+        if not future:
+            w = self.head.weight
+            return w.new_zeros(0, w.shape[1]), w.new_zeros(0)
+        drawn = [self.initial_head_rows(t) for t in future]
+        w = torch.cat([r for r, _ in drawn]).to(self.head.weight)
+        b = torch.cat([torch.full((len(r),), bias) for r, bias in drawn]).to(w)
+        return w, b
 
     def fit(self, dataset: Dataset, step: Callable, params: Iterable, cfg: TrainConfig | None = None,
             *args: Any, **kwargs: Any) -> list[float]:
@@ -251,9 +283,17 @@ class DAP(PromptPoolLearner):
         feats = self.features_for(images, idx, self.trains_down(task))
         return feats, self.task_pull(query, idx)
 
+    @property
+    def scores_unseen_classes(self) -> bool:  # type: ignore[override]
+        return bool(self.cfg.unseen_logits)
+
     def predict(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         idx = self.task_index(x[1])
-        logits = self.head(self.features_for(x[0], idx))
+        feats = self.features_for(x[0], idx)
+        logits = self.head(feats)
+        if self.cfg.unseen_logits:
+            w, b = self.unseen_head(logits.shape[1])
+            logits = torch.cat([logits, feats @ w.T + b], dim=1)
         if self.cfg.task_logit_mask:
             ends = self.task_ends.to(idx.device)
             starts = torch.cat([ends.new_zeros(1), ends[:-1]])

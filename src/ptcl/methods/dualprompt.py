@@ -26,6 +26,11 @@ and its PyTorch port (JH-LEE-KR/dualprompt-pytorch):
 
 Deviation: batch-wise E-prompt selection at test (official CIFAR config) is off by
 default; ``batchwise_prompt: true`` enables it.
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/dualprompt_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

@@ -29,6 +29,11 @@ features are ever used (exemplar-free). Not implemented: the optional pre-traine
 
 The adapter sets are :class:`ptcl.experts.Experts` keyed by task (shared with MOS): one
 active at a time, each sub-space's features cached on disk.
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/ease_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

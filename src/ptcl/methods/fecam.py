@@ -22,6 +22,11 @@ applies it to CNN backbones (post-ReLU pooled features, as their ResNet-18 runs,
 shrink twice with ``gamma1 = gamma2 = 1``) and not to ViTs (as their ViT scripts).
 Deviations: the features are the backbone's pooled output (the CLS token for the ViT-B/16
 configs, as theirs); the first-session options follow LAMDA-PILOT ``exps/fecam.json``.
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/fecam_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

@@ -37,6 +37,11 @@ uses ``L = 10, N = 4``; the paper and the PyTorch port ``L = 5, N = 5``.
 What L2P shares with DualPrompt / CODA-Prompt / DAP (cached query, growing head, masked
 cross-entropy, pull term, options) is :mod:`ptcl.methods.prompt_pool`; this file holds the
 prompt pool with top-``N`` selection and the prompt-token pooling.
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/l2p_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

@@ -67,6 +67,11 @@ EASE's), the merge is :func:`ptcl.experts.merge.ema_` (``official``:
 :func:`ptcl.experts.merge.ema` assigned to ``.data``, as the official code does) towards
 :func:`ptcl.experts.merge.average`, and the alignment loop is
 :func:`ptcl.methods.alignment.classifier_alignment` (as SLCA's).
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/mos_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ weight decay 5e-4, cosine to 0, M = 10000). Deviations: the lambda grid is searc
 eigendecomposition instead of one solve per value (same solutions); the final solve switches to
 float64 when ill-conditioned. The first-session head is a cosine classifier with a learnable
 scale, as the official ``CosineLinear`` (:mod:`ptcl.methods.adapt`).
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/ranpac_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ The backbone is never trained. After each task the prototype of every new class 
 mean of its training features (eval transform, as in LAMDA-PILOT's ``replace_fc``), and a
 test image is assigned to the class of highest cosine similarity. Features come from the
 feature cache, so a T-task run costs one backbone pass over the data.
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/simplecil_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations

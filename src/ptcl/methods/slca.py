@@ -41,6 +41,11 @@ The step decay is the official ``MultiStepLR`` (``scheduler=multistep``, one opt
 all epochs, so the SGD momentum carries across the milestones as in the official code; an
 earlier ptcl version restarted training at each milestone and lost the momentum there).
 ``scheduler=cosine`` replaces the step decay if asked.
+
+Input pipeline: ptcl's defaults (the backbone's own mean/std, ``Resize`` to the input size,
+bicubic crops), not the official code's; ``configs/slca_*.yaml`` select the official ones
+(``backbone.input_norm``, ``eval_crop_ratio``, ``method.augment`` ...; README, "Reproducing
+the official protocol").
 """
 
 from __future__ import annotations
