@@ -96,16 +96,3 @@ def train_transform(p: Preprocess, augment: Augment = DEFAULT_AUGMENT) -> T.Comp
     if augment.brightness:
         steps.append(T.ColorJitter(brightness=augment.brightness))
     return T.Compose([*steps, *_normalize(p)])
-
-
-def build_transform(
-    size: int,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    train: bool,
-    crop_ratio: float = 1.0,
-    augment: Augment = DEFAULT_AUGMENT,
-) -> T.Compose:
-    """:func:`train_transform` or :func:`eval_transform` from loose arguments."""
-    p = Preprocess(size, mean, std, crop_ratio)
-    return train_transform(p, augment) if train else eval_transform(p)
