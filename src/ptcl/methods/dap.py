@@ -221,14 +221,21 @@ class DAP(PromptPoolLearner):
 
     def unseen_head(self, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, D)`` weights and ``(U,)`` biases of the classes after the first ``seen``: the
-        rows their tasks will start from (``unseen_logits``)."""
+        rows their tasks will start from (``unseen_logits``). Drawn once per ``seen``, device
+        and dtype (not per test batch); never part of the state."""
+        ref = self.head.weight
+        key = (seen, ref.device, ref.dtype)
+        cached = getattr(self, "_unseen_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
         future = [t for t in self.ctx.scenario.tasks if t.start >= seen]
-        if not future:
-            w = self.head.weight
-            return w.new_zeros(0, w.shape[1]), w.new_zeros(0)
-        drawn = [self.initial_head_rows(t) for t in future]
-        w = torch.cat([r for r, _ in drawn]).to(self.head.weight)
-        b = torch.cat([torch.full((len(r),), bias) for r, bias in drawn]).to(w)
+        if future:
+            drawn = [self.initial_head_rows(t) for t in future]
+            w = torch.cat([r for r, _ in drawn]).to(ref)
+            b = torch.cat([torch.full((len(r),), bias) for r, bias in drawn]).to(w)
+        else:
+            w, b = ref.new_zeros(0, ref.shape[1]), ref.new_zeros(0)
+        self._unseen_cache = (key, w.detach(), b.detach())
         return w, b
 
     def fit(self, dataset: Dataset, step: Callable, params: Iterable, cfg: TrainConfig | None = None,
