@@ -3,6 +3,8 @@ container (activation, training block, per-expert feature cache, checkpoint name
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import make_learner
@@ -19,6 +21,7 @@ from ptcl.experts import (
     fisher_average,
     task_arithmetic,
 )
+from ptcl.experts.ensemble import free_energy, max_softmax, scatter_selected, select_by_energy
 from ptcl.experts.merge import FISHER_EPS
 
 
@@ -229,3 +232,89 @@ def test_fingerprint_is_the_weights_not_the_name(experts):
     assert fp != experts.fingerprint(1)
     experts[1].load_state_dict(experts[0].state_dict())
     assert experts.fingerprint(1) == fp
+
+
+# -- ensemble rules -----------------------------------------------------------------------------
+def test_max_softmax_is_the_classwise_max_of_the_probabilities():
+    a = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 3.0, 0.0], [1.0, 1.0, -1.0]])
+    e = torch.exp
+    pa = torch.stack([e(a[0]) / e(a[0]).sum(), e(a[1]) / e(a[1]).sum()])
+    pb = torch.stack([e(b[0]) / e(b[0]).sum(), e(b[1]) / e(b[1]).sum()])
+    want = torch.where(pa > pb, pa, pb)
+    torch.testing.assert_close(max_softmax([a, b]), want)
+    assert max_softmax([a, b]).argmax(1).tolist() == [1, 0]  # row 0: b's confident class 1 wins
+    with pytest.raises(ValueError, match="same classes"):
+        max_softmax([a, b[:, :2]])
+    with pytest.raises(ValueError, match="no experts"):
+        max_softmax([])
+
+
+def test_free_energy_matches_hand_computation():
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    for t in (1.0, 0.5):
+        want = torch.tensor([-t * math.log(math.exp(1 / t) + math.exp(2 / t)),
+                             -t * math.log(math.exp(0.0) + math.exp(-1 / t))])
+        torch.testing.assert_close(free_energy(x, t), want)
+    with pytest.raises(ValueError, match="temperature"):
+        free_energy(x, 0.0)
+
+
+def test_select_by_energy_picks_the_lowest_energy_expert_and_votes_over_temperatures():
+    # expert 0 scores 2 classes, expert 1 three; sample 0 is confident under expert 1,
+    # sample 1 under expert 0
+    e0 = torch.tensor([[0.0, 0.1], [5.0, 0.0]])
+    e1 = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    sel = select_by_energy([e0, e1], [1.0])
+    assert sel.tolist() == [1, 0]
+    energies = torch.stack([free_energy(e0), free_energy(e1)], 1)
+    assert sel.tolist() == energies.argmin(1).tolist()
+    # a sample whose choice depends on the temperature: at T=0.01 the max logit decides
+    # (expert 0: 1.0 > 0.9), at T=10 the many small logits of expert 1 give it the lower energy
+    f0 = torch.tensor([[1.0, -50.0]])
+    f1 = torch.tensor([[0.9, 0.9, 0.9]])
+    assert select_by_energy([f0, f1], [0.01]).tolist() == [0]
+    assert select_by_energy([f0, f1], [10.0]).tolist() == [1]
+    assert select_by_energy([f0, f1], [0.01, 10.0, 10.0]).tolist() == [1]  # majority
+    assert select_by_energy([f0, f1], [0.01, 0.01, 10.0]).tolist() == [0]
+    assert select_by_energy([f0, f1], [0.01, 10.0]).tolist() == [0]  # a tie: the lowest index
+    with pytest.raises(ValueError, match="temperature"):
+        select_by_energy([f0, f1], [])
+
+
+def test_scatter_selected_places_the_selected_block():
+    e0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    e1 = torch.tensor([[5.0, 6.0, 7.0], [8.0, 9.0, 10.0]])
+    out = scatter_selected([e0, e1], torch.tensor([1, 0]), fill=-1.0)
+    assert out.tolist() == [[-1.0, -1.0, 5.0, 6.0, 7.0], [3.0, 4.0, -1.0, -1.0, -1.0]]
+    assert scatter_selected([e0, e1], torch.tensor([1, 0])).argmax(1).tolist() == [4, 1]
+    with pytest.raises(ValueError, match="outside"):
+        scatter_selected([e0, e1], torch.tensor([2, 0]))
+
+
+# -- inference cost in metrics.json --------------------------------------------------------------
+def test_metrics_report_the_inference_cost_per_task(tmp_path):
+    """An ensemble (EASE: one adapter set per task) runs one more expert and backbone pass per
+    task; a single model (SimpleCIL) one; the parameters counted are the learner's."""
+    from helpers import tiny_overrides
+
+    import ptcl
+
+    got = {}
+    for name in ("ease", "simplecil"):
+        m = ptcl.run(None, tiny_overrides(name), out=tmp_path / name, quiet=True)
+        got[name] = m["inference_per_task"]
+        assert all(r["eval_s"] >= 0 for r in m["rows"])
+        assert all(c["test_images"] > 0 for c in got[name])
+    n = len(got["ease"])
+    assert n >= 2
+    assert [c["experts_run"] for c in got["ease"]] == list(range(1, n + 1))
+    assert [c["backbone_passes"] for c in got["ease"]] == list(range(1, n + 1))
+    assert [c["experts_run"] for c in got["simplecil"]] == [1] * n
+    ease_params = [c["parameters"] for c in got["ease"]]
+    assert all(b > a for a, b in zip(ease_params, ease_params[1:]))  # one adapter set more per task
+    # a single model grows only by its head: SimpleCIL's 2 new prototypes of the tiny ViT's
+    # 32 dims per task, while EASE adds a whole adapter set
+    simple = [c["parameters"] for c in got["simplecil"]]
+    assert [b - a for a, b in zip(simple, simple[1:])] == [2 * 32] * (n - 1)
+    assert all(e - d > 2 * 32 for d, e in zip(ease_params, ease_params[1:]))

@@ -258,7 +258,9 @@ def _train_and_evaluate(learner, task, scenario, data, memory: TaskMemory, cfg: 
     log.info("task %d: training on classes %d-%d", task.index, task.start, task.end - 1)
     learner.train_task(task)
     learner.after_task(task)
+    e0 = time.perf_counter()
     pred, y = predict_seen(learner, task, cfg.eval_batch_size)
+    eval_s = time.perf_counter() - e0
     old, new = old_new_accuracy(pred, y, task.start)
     bounds = [0] + [t.end for t in scenario.tasks[: task.index + 1]]
     return {
@@ -271,6 +273,8 @@ def _train_and_evaluate(learner, task, scenario, data, memory: TaskMemory, cfg: 
         "time_s": time.perf_counter() - t0,
         "feature_time_s": data.cache.compute_s - f0,
         "peak_memory_mb": memory.peak_mb(),
+        "eval_s": eval_s,
+        "inference": {**learner.inference_cost(), "test_images": len(y)},
     }
 
 

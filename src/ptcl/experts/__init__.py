@@ -5,15 +5,18 @@
   cached on disk;
 * :mod:`ptcl.experts.merge` -- pure functions on state dicts: :func:`average`,
   :func:`ema` (and the in-place :func:`ema_`), :func:`fisher_average`,
-  :func:`task_arithmetic`.
+  :func:`task_arithmetic`;
+* :mod:`ptcl.experts.ensemble` -- pure functions on the experts' logits: :func:`max_softmax`
+  (LAE), :func:`free_energy` and :func:`select_by_energy` (ESN), :func:`scatter_selected`.
 
-Used by EASE and MOS; the layer sits below :mod:`ptcl.methods` (it imports ``peft``,
+Used by EASE, MOS, ESN, LAE and CoFiMA; the layer sits below :mod:`ptcl.methods` (it imports ``peft``,
 ``backbones`` and ``data``, never a method or the engine).
 """
 
 from __future__ import annotations
 
 from ptcl.experts.container import ExpertForward, Experts, Key, expert_fingerprint, expert_name
+from ptcl.experts.ensemble import free_energy, max_softmax, scatter_selected, select_by_energy
 from ptcl.experts.merge import average, check_states, ema, ema_, fisher_average, task_arithmetic
 
 __all__ = [
@@ -27,5 +30,9 @@ __all__ = [
     "expert_fingerprint",
     "expert_name",
     "fisher_average",
+    "free_energy",
+    "max_softmax",
+    "scatter_selected",
+    "select_by_energy",
     "task_arithmetic",
 ]

@@ -156,6 +156,22 @@ class Learner(nn.Module):
         serves the order and batch size of its official test loaders."""
         return None
 
+    def inference_cost(self) -> dict[str, int]:
+        """What predicting one image costs after the current task, for ``metrics.json``
+        (``rows[i]["inference"]``):
+
+        * ``backbone_passes``: full passes of the backbone per image (an ensemble of
+          per-task adapter sets runs one per expert; a merged model one);
+        * ``experts_run``: tuning states (experts) evaluated per image;
+        * ``parameters``: elements of the learner's parameters (``nn.Parameter`` s: backbone,
+          tuning modules, heads; heads grow with the classes; buffers such as stored
+          statistics, snapshots kept for a later merge or Fisher values are not counted:
+          they are not used to predict).
+
+        Default: one pass, one expert. Ensembles override it (their cost grows with the
+        tasks); a merged model's stays constant."""
+        return {"backbone_passes": 1, "experts_run": 1, "parameters": sum(p.numel() for p in self.parameters())}
+
     # -- helpers for subclasses ---------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -155,6 +155,12 @@ class EASE(Learner):
         w[torch.arange(len(w)), self.class_task] = 1.0
         return w
 
+    def inference_cost(self) -> dict[str, int]:
+        """An ensemble: one backbone pass per adapter set (the feature concatenates every
+        sub-space's), so the cost grows by one pass per task."""
+        n = len(self.experts)
+        return {**super().inference_cost(), "backbone_passes": n, "experts_run": n}
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         s = self.protos.shape[1]

@@ -361,6 +361,12 @@ class MOS(Learner):
         feats = [self.merged_features(images, int(k), self.cfg.batch_size) for k in self.experts]
         return torch.cat(feats, 1), data.labels(split, classes)
 
+    def inference_cost(self) -> dict[str, int]:
+        """An ensemble: one backbone pass per adapter set (the retrieval reads every adapter's
+        feature), so the cost grows by one pass per task."""
+        n = len(self.experts)
+        return {**super().inference_cost(), "backbone_passes": n, "experts_run": n}
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         feats = x.reshape(len(x), -1, self.dim)

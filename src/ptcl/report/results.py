@@ -38,6 +38,12 @@ DEFINITIONS = {
     "forgetting_pilot": "forgetting as LAMDA-PILOT (trainer.py) and the official L2P, DualPrompt and "
                         "DAP codes compute it: mean over the old tasks of (best accuracy over all "
                         "tasks, the last included - final accuracy); never negative",
+    "inference_per_task": "per task, what predicting one image costs after it (Learner.inference_cost): "
+                          "backbone_passes (full backbone passes per image), experts_run (tuning states "
+                          "evaluated per image: grows by one per task for an ensemble, stays 1 for a "
+                          "merged model), parameters (elements of nn.Parameters, buffers not counted); "
+                          "test_images: how many images the task's evaluation predicted (its time is "
+                          "rows[i].eval_s, seconds)",
 }
 
 
@@ -69,6 +75,7 @@ def summarize(header: dict, rows: list[dict]) -> dict:
         "total_time_s": sum(r["time_s"] for r in rows),
         "feature_time_s": sum(r.get("feature_time_s", 0.0) for r in rows),
         "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
+        "inference_per_task": [r.get("inference") for r in rows],
         "definitions": _definitions(header.get("eval_protocol", PER_IMAGE)),
         "rows": rows,
     }
