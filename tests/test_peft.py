@@ -244,8 +244,8 @@ def test_handles_backbone_autocast_and_deepcopy() -> None:
 
 def test_errors() -> None:
     model, _ = _model("vit_tiny")
-    with pytest.raises(ConfigError, match="adapter, finetune, ssf, vpt_deep, vpt_shallow"):
-        peft.attach(model, "lora")
+    with pytest.raises(ConfigError, match="adapter, finetune, lora, prefix, ssf, vpt_deep, vpt_shallow"):
+        peft.attach(model, "ia3")
     with pytest.raises(ConfigError, match="bottleneck"):
         peft.attach(model, "adapter", bottlenek=8)
     peft.attach(model, "vpt_shallow")

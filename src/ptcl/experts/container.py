@@ -53,6 +53,9 @@ def expert_fingerprint(base: str, handle: TuningHandle) -> str:
     name or the other experts."""
     m = handle.module
     h = hashlib.sha256(f"{base}|{type(m).__name__}|{getattr(m, 'input', '')}".encode())
+    variant = (getattr(m, "site", "mlp"), getattr(m, "activation", "relu"), getattr(m, "block_ids", None))
+    if variant[:2] != ("mlp", "relu") or (variant[2] is not None and variant[2] != list(range(len(variant[2])))):
+        h.update(repr(variant).encode())  # adapter variants (LAE's); the plain AdaptFormer keeps its key
     h.update(repr([getattr(a, "scale", None) for a in m.modules()]).encode())
     for k, v in sorted(handle.state_dict().items()):
         h.update(k.encode())

@@ -1,7 +1,8 @@
 """Parameter-efficient tuning modules attached to unmodified timm models.
 
 Methods (names in :data:`PEFT_METHODS`): ``adapter`` (AdaptFormer), ``ssf`` (SSF),
-``vpt_shallow`` / ``vpt_deep`` (VPT) and ``finetune`` (all backbone weights). See
+``vpt_shallow`` / ``vpt_deep`` (VPT), ``lora`` (LoRA on the q/k/v projection), ``prefix``
+(prefix tuning, LAE's compensated form) and ``finetune`` (all backbone weights). See
 :mod:`ptcl.peft.base` for how a learner uses them. Prompt tokens (VPT and the prompt
 methods' :mod:`ptcl.peft.prompting`) are inserted by one mechanism,
 :class:`~ptcl.peft.tokens.TokenInserter`.
@@ -9,7 +10,7 @@ methods' :mod:`ptcl.peft.prompting`) are inserted by one mechanism,
 
 from __future__ import annotations
 
-from ptcl.peft import adapter, finetune, ssf, vpt  # noqa: F401  (register the methods)
+from ptcl.peft import adapter, finetune, lora, prefix, ssf, vpt  # noqa: F401  (register the methods)
 from ptcl.peft.adapter import AdapterSet
 from ptcl.peft.base import (
     PEFT_METHODS,
@@ -24,6 +25,8 @@ from ptcl.peft.base import (
     tuning_state_dict,
 )
 from ptcl.peft.finetune import FineTune
+from ptcl.peft.lora import LoRA
+from ptcl.peft.prefix import Prefix
 from ptcl.peft.ssf import SSF
 from ptcl.peft.tokens import TokenInserter
 from ptcl.peft.vpt import VPTDeep, VPTShallow
@@ -33,6 +36,8 @@ __all__ = [
     "SSF",
     "AdapterSet",
     "FineTune",
+    "LoRA",
+    "Prefix",
     "TokenInserter",
     "TuningHandle",
     "TuningModule",

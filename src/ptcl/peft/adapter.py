@@ -20,11 +20,22 @@ Placement here: a forward pre-hook on ``block.norm2`` records ``x`` and a forwar
 DINOv2) adds the adapter output, so the adapter is parallel to the whole MLP branch as in
 the paper and is not multiplied by DINOv2's layer scale. ``input="normed"`` feeds the
 adapter the MLP's own (normed) input instead.
+
+Other adapters are options of the same module: ``site="attn"`` puts it parallel to the
+attention branch instead (captured at ``norm1`` / ``attn``, added at ``ls1``),
+``activation="gelu"``, ``learn_scale`` (``s`` a learnable scalar starting at ``scale``)
+and ``blocks`` (a subset of the blocks; ``adapters[j]`` tunes ``blocks[block_ids[j]]``).
+LAE's adapter (Gao et al., ICCV 2023; github.com/gqk/LAE ``libml/model/pet/adapter.py``,
+``config/vit_adapter.yaml``, ``main.py`` ``attach_pets_vit``: ``attach_adapter(attn=...)``
+with ``mode="parallel"``) is ``site="attn", input="normed", activation="gelu",
+bottleneck=5, scale=1.0, learn_scale=True, dropout=0.0, blocks=[0, 1, 2, 3, 4]``: the
+same "lora" init, so it too starts at the pre-trained output.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -32,17 +43,21 @@ from torch import nn
 
 from ptcl.errors import ConfigError
 from ptcl.peft.base import PEFT_METHODS, TuningModule
+from ptcl.peft.lora import tuned_blocks
 
 
 class Adapter(TuningModule):
-    """One bottleneck adapter ``s * up(dropout(relu(down(x))))`` for one block."""
+    """One bottleneck adapter ``s * up(dropout(act(down(x))))`` for one block (``act``: ReLU,
+    or GELU with ``activation="gelu"``; ``s`` a learnable scalar with ``learn_scale``)."""
 
-    def __init__(self, dim: int, bottleneck: int, scale: float, dropout: float) -> None:
+    def __init__(self, dim: int, bottleneck: int, scale: float, dropout: float, activation: str = "relu",
+                 learn_scale: bool = False) -> None:
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
         self.drop = nn.Dropout(dropout)
-        self.scale = scale
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.scale: float | nn.Parameter = nn.Parameter(torch.tensor(float(scale))) if learn_scale else scale
         self._x: torch.Tensor | None = None
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
@@ -50,7 +65,7 @@ class Adapter(TuningModule):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.drop(torch.relu(self.down(x)))) * self.scale
+        return self.up(self.drop(self.act(self.down(x)))) * self.scale
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Pre-hook on the layer whose input feeds the adapter: remember that input."""
@@ -70,7 +85,8 @@ class Adapter(TuningModule):
 
 @PEFT_METHODS.register("adapter")
 class AdapterSet(TuningModule):
-    """AdaptFormer adapters, one per ViT block (``adapters[i]`` tunes ``blocks[i]``)."""
+    """AdaptFormer adapters, one per tuned ViT block (``adapters[j]`` tunes
+    ``blocks[block_ids[j]]``; by default every block, ``adapters[i]`` tunes ``blocks[i]``)."""
 
     def __init__(
         self,
@@ -80,27 +96,45 @@ class AdapterSet(TuningModule):
         scale: float = 0.1,
         dropout: float = 0.1,
         input: Literal["residual", "normed"] = "residual",
+        site: Literal["mlp", "attn"] = "mlp",
+        activation: Literal["relu", "gelu"] = "relu",
+        learn_scale: bool = False,
+        blocks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        blocks = getattr(model, "blocks", None)
+        vit_blocks = getattr(model, "blocks", None)
         if (
             not hasattr(model, "embed_dim")
-            or not isinstance(blocks, nn.Sequential | nn.ModuleList)
-            or not all(hasattr(b, "norm2") and hasattr(b, "mlp") for b in blocks)
+            or not isinstance(vit_blocks, nn.Sequential | nn.ModuleList)
+            or not all(hasattr(b, "norm1") and hasattr(b, "attn") and hasattr(b, "norm2") and hasattr(b, "mlp")
+                       for b in vit_blocks)
         ):
             raise ConfigError(
-                f"adapter needs a timm ViT whose blocks have norm2 and mlp; got {type(model).__name__}"
+                f"adapter needs a timm ViT whose blocks have norm1, attn, norm2 and mlp; got {type(model).__name__}"
             )
         if bottleneck <= 0:
             raise ConfigError(f"adapter bottleneck must be > 0, got {bottleneck}")
         if input not in ("residual", "normed"):
             raise ConfigError(f"adapter input must be 'residual' or 'normed', got {input!r}")
-        self.input = input
+        if site not in ("mlp", "attn"):
+            raise ConfigError(f"adapter site must be 'mlp' or 'attn', got {site!r}")
+        if activation not in ("relu", "gelu"):
+            raise ConfigError(f"adapter activation must be 'relu' or 'gelu', got {activation!r}")
+        self.input, self.site, self.activation = input, site, activation
+        self.block_ids = tuned_blocks(blocks, len(vit_blocks), "adapter")
         dim = int(model.embed_dim)
-        self.adapters = nn.ModuleList(Adapter(dim, bottleneck, scale, dropout) for _ in blocks)
+        self.adapters = nn.ModuleList(Adapter(dim, bottleneck, scale, dropout, activation, learn_scale)
+                                      for _ in self.block_ids)
 
     def install(self, model: nn.Module) -> None:
-        for block, adapter in zip(model.blocks, self.adapters):
-            source = block.norm2 if self.input == "residual" else block.mlp
+        for b, adapter in zip(self.block_ids, self.adapters):
+            block = model.blocks[b]
+            if self.site == "mlp":
+                source = block.norm2 if self.input == "residual" else block.mlp
+                sink = getattr(block, "ls2", block.mlp)
+            else:
+                source = block.norm1 if self.input == "residual" else block.attn
+                sink = getattr(block, "ls1", block.attn)
             source.register_forward_pre_hook(adapter._capture)
-            getattr(block, "ls2", block.mlp).register_forward_hook(adapter._add)
+            sink.register_forward_hook(adapter._add)
+
