@@ -231,21 +231,29 @@ class SLCA(Learner):
             factor[t.start : t.end] = 1 - s + s * (t.index + 1) / (task.index + 1)
         return self.class_means[: task.end] * factor
 
+    def alignment_init(self, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight (``C x D``) and bias (``C``) of the seen classes' heads that the classifier
+        alignment of ``task`` starts from (and that predict where it does not run). SLCA: the
+        per-task heads as trained; CoFiMA overrides it with its merged heads."""
+        return self.head.weight, self.head.bias
+
     def align(self, task: Task) -> list[float]:
         """Fine-tune the heads of all seen classes on features sampled from their Gaussians
         (:func:`ptcl.methods.alignment.classifier_alignment`) with SLCA's logit normalisation
-        and mean shrinking, on a copy of the per-task heads (kept for the next task)."""
+        and mean shrinking, on a copy of :meth:`alignment_init` (the per-task heads: kept for
+        the next task)."""
         cfg: SLCAConfig = self.cfg  # type: ignore[assignment]
+        weight, bias = self.alignment_init(task)
         with torch.no_grad():
-            self.aligned.weight.copy_(self.head.weight)
-            self.aligned.bias.copy_(self.head.bias)
+            self.aligned.weight.copy_(weight)
+            self.aligned.bias.copy_(bias)
         if task.index == 0 or cfg.ca_epochs == 0:
             return []
         n = task.end
         head = nn.Linear(self.backbone.feature_dim, n).to(self.device)
         with torch.no_grad():
-            head.weight.copy_(self.head.weight)
-            head.bias.copy_(self.head.bias)
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
         bounds = [0, *(t.end for t in self.ctx.scenario.tasks[: task.index + 1])]
 
         def normalise(logits: torch.Tensor) -> torch.Tensor:
