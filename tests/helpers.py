@@ -25,10 +25,13 @@ CPU = torch.device("cpu")
 
 
 def tiny_overrides(method: str, **extra: object) -> list[str]:
-    """A 2-task run on a tiny random ViT and a few MNIST images per class (seconds on CPU)."""
+    """A 2-task run on a tiny random ViT and a few MNIST images per class (seconds on CPU).
+
+    The backbone is the method's ``test_backbone`` class attribute where it sets one (e.g.
+    ``clip_tiny_test`` for a method that needs a text tower), else ``vit_tiny_test``."""
     over = {
         "method.name": method,
-        "backbone.name": "vit_tiny_test",
+        "backbone.name": getattr(METHODS.get(method), "test_backbone", "vit_tiny_test"),
         "dataset.name": "mnist_demo",
         "dataset.train_per_class": 6,
         "dataset.test_per_class": 3,

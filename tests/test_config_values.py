@@ -333,7 +333,7 @@ def test_pool_size_fails_before_the_run_folder(method, extra, tmp_path, capsys):
 def test_path_fields_are_marked_by_metadata():
     from ptcl.config import is_path_field
 
-    assert [f.name for f in dataclasses.fields(DatasetConfig) if is_path_field(f)] == ["root"]
+    assert [f.name for f in dataclasses.fields(DatasetConfig) if is_path_field(f)] == ["root", "class_names"]
     assert [f.name for f in dataclasses.fields(BackboneConfig) if is_path_field(f)] == ["weights"]
 
 

@@ -210,7 +210,10 @@ class BackboneConfig:
     """Which pre-trained model extracts features. Any timm model name works too.
 
     ``image_size``: input side in pixels (>= 8; null: the backbone's own). ``weights``: a
-    local checkpoint (.safetensors, or .pth read ``weights_only``), a path."""
+    local checkpoint (.safetensors, or .pth read ``weights_only``), a path.
+    ``clip_model`` / ``clip_pretrained``: the open_clip model name and pretrained tag of
+    ``name: clip`` (:mod:`ptcl.backbones.clip`); set with another backbone, or a tag together
+    with ``weights``, they raise :class:`ConfigError`."""
 
     name: str = option("efficientnet_lite0", "a registered backbone (ptcl list backbones) or any timm model name")
     pretrained: bool = option(True, "load the pre-trained weights")
@@ -227,10 +230,25 @@ class BackboneConfig:
         "0.875 is Resize(256) + CenterCrop(224) (PILOT, EASE, MOS, RevisitingCIL, SLCA)", gt=0, le=1)
     eval_interpolation: Literal["bicubic", "bilinear"] = option(
         "bicubic", "evaluation resize: bicubic (PILOT, SLCA) or bilinear (torchvision's default: CODA-Prompt, FeCAM)")
+    clip_model: str | None = option(
+        None, "name=clip: the open_clip model (open_clip.list_models(), e.g. ViT-B-16, ViT-L-14); null: ViT-B-16")
+    clip_pretrained: str | None = option(
+        None, "name=clip: the open_clip pretrained tag, e.g. openai (ZSCL, PromptFusion), laion400m_e32 "
+        "(PROOF), laion2b_s34b_b88k; null: openai (ptcl.backbones.clip)")
 
     def __post_init__(self) -> None:
         _named(self, "backbone")
         _check_common(self, "backbone")
+        clip_keys = [k for k in ("clip_model", "clip_pretrained") if getattr(self, k) is not None]
+        if clip_keys and self.name != "clip":
+            raise ConfigError(f"backbone.{clip_keys[0]} is only used with backbone.name=clip "
+                              f"(name is {self.name!r}); set backbone.name=clip or drop it")
+        for k in clip_keys:
+            if not getattr(self, k).strip():
+                raise ConfigError(f"backbone.{k} must be a non-empty name or null, got {getattr(self, k)!r}")
+        if self.clip_pretrained is not None and self.weights is not None:
+            raise ConfigError("backbone.weights (a local CLIP checkpoint) replaces backbone.clip_pretrained "
+                              "(a tag to download); set only one of them")
         given = [k for k in ("mean", "std") if getattr(self, k) is not None]
         if self.input_norm == "custom":
             for k in ("mean", "std"):
@@ -250,7 +268,9 @@ class DatasetConfig:
     ``root``: the dataset's folder or archive (a path; null: the dataset's default).
     ``train_per_class`` / ``test_per_class``: keep this many images of each class (>= 1;
     null: all), drawn with ``subset_seed`` (an integer in [0, 2**32 - 1]; 1993 as the
-    class order), so the subset does not change with the run's ``seed``."""
+    class order), so the subset does not change with the run's ``seed``. ``class_names``:
+    a file naming the classes in words (:mod:`ptcl.data.class_names`, a path), for
+    vision-language methods."""
 
     name: str = option("mnist_demo", "a registered dataset (ptcl list datasets)")
     root: str | None = option(None, "the dataset's folder or archive; null: its default place", path=True)
@@ -258,6 +278,10 @@ class DatasetConfig:
     test_per_class: int | None = option(None, "keep this many test images per class; null: all", ge=1)
     subset_seed: int = option(1993, "seed of the per-class subsets (not the run seed), in [0, 2**32 - 1]")
     download: bool = option(True, "download a missing dataset where its loader can")
+    class_names: str | None = option(
+        None, "a class-name map (classnames.txt / words.txt format, ptcl.data.class_names) giving the text "
+        "name of each class id; null: a classnames.txt or words.txt beside train/ and test/, else the "
+        "dataset's own names (folder names with _ as spaces)", path=True)
 
     def __post_init__(self) -> None:
         _named(self, "dataset")

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ptcl.data.class_names import default_names
 from ptcl.errors import DataError
 
 PLAIN_MODES = frozenset({"RGB", "L", "1", "P", "RGBX", "CMYK", "YCbCr", "HSV", "LAB"})
@@ -171,9 +172,21 @@ class ImageSet:
 
 @dataclass
 class DatasetSplits:
+    """A dataset's train and test :class:`ImageSet` s. ``class_names``: each class in words,
+    indexed like the labels (for text prompts of vision-language methods); ``None`` at
+    construction means the readable class ids (:func:`ptcl.data.class_names.default_names`)."""
+
     name: str
     train: ImageSet
     test: ImageSet
+    class_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.class_names is None:
+            self.class_names = default_names(self.train.classes)
+        if len(self.class_names) != len(self.train.classes):
+            raise DataError(f"{self.name}: {len(self.class_names)} class names for "
+                            f"{len(self.train.classes)} classes")
 
     @property
     def num_classes(self) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 from ptcl.config import DatasetConfig
 from ptcl.data.archive import extract_once, is_archive
 from ptcl.data.base import DatasetSplits, ImageSet, fingerprint_array, fingerprint_files
+from ptcl.data.class_names import class_names
 from ptcl.errors import DataError
 from ptcl.paths import cache_dir
 from ptcl.registry import DATASETS
@@ -34,8 +35,12 @@ PILOT_DATASETS = "https://github.com/sun-hailong/LAMDA-PILOT#-datasets"
 
 
 def load_dataset(cfg: DatasetConfig) -> DatasetSplits:
-    """Load the dataset named by ``cfg.name`` (see :data:`ptcl.registry.DATASETS`)."""
-    return DATASETS.get(cfg.name)(cfg)
+    """Load the dataset named by ``cfg.name`` (see :data:`ptcl.registry.DATASETS`), with the
+    class names of ``cfg.class_names`` if set (:mod:`ptcl.data.class_names`)."""
+    splits = DATASETS.get(cfg.name)(cfg)
+    if cfg.class_names is not None:
+        splits.class_names = class_names(splits.train.classes, explicit=cfg.class_names)
+    return splits
 
 
 # --------------------------------------------------------------------------- mnist_demo
@@ -438,7 +443,8 @@ def read_image_folder(
         len(sets[1]),
         data_root,
     )
-    return DatasetSplits(name, sets[0], sets[1])
+    names = class_names(classes, folders=list(dict.fromkeys([data_root, base])))
+    return DatasetSplits(name, sets[0], sets[1], names)
 
 
 @DATASETS.register("imagefolder")

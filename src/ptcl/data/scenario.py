@@ -10,11 +10,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from ptcl.errors import DataError
+
+T = TypeVar("T")
 
 
 def class_order(n_classes: int, seed: int, shuffle: bool = True) -> list[int]:
@@ -98,6 +102,13 @@ class Scenario:
         m = np.empty(len(self.order), dtype=np.int64)
         m[np.asarray(self.order)] = np.arange(len(self.order))
         return m
+
+    def by_label(self, per_class: Sequence[T]) -> list[T]:
+        """``per_class`` (indexed by the dataset's own class index, e.g. class names)
+        reindexed by remapped label: item ``i`` is that of the ``i``-th class of the order."""
+        if len(per_class) != len(self.order):
+            raise DataError(f"{len(per_class)} items for the scenario's {len(self.order)} classes")
+        return [per_class[c] for c in self.order]
 
     def task_of_label(self, label: int) -> int:
         """Task index owning remapped ``label``."""

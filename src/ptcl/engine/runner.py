@@ -157,7 +157,8 @@ def _run(
         m = cfg.method
         data.augment = Augment(m.augment, (m.crop_scale[0], m.crop_scale[1]), m.brightness, m.interpolation)
     seed_everything(cfg.seed)
-    ctx = LearnerContext(data=data, scenario=scenario, device=device, seed=cfg.seed, quiet=quiet)
+    ctx = LearnerContext(data=data, scenario=scenario, device=device, seed=cfg.seed, quiet=quiet,
+                         class_names=scenario.by_label(splits.class_names))
     learner = METHODS.get(cfg.method.name)(cfg.method, backbone, ctx).to(device)
     stream = stream_identity(splits, scenario, data.index)
     memory = TaskMemory(device)

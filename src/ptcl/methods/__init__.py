@@ -17,6 +17,7 @@ from ptcl.methods import (  # noqa: F401  (registration)
     simplecil,
     slca,
     vpt_seq,
+    zeroshot_clip,
 )
 from ptcl.methods.base import Learner, LearnerContext
 

@@ -24,7 +24,7 @@ Constructors store; lifecycle methods compute.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -91,13 +91,24 @@ IMAGES_AND_FEATURES: Inputs = _ImagesAndFeatures()
 
 @dataclass
 class LearnerContext:
-    """What a learner may use from the run (no global state)."""
+    """What a learner may use from the run (no global state).
+
+    ``class_names``: each class in words, indexed by the scenario's label (label ``i`` is the
+    ``i``-th class of the class order), for vision-language methods' text prompts; left
+    empty, it is taken from ``data`` (``DatasetSplits.class_names``, see
+    :mod:`ptcl.data.class_names`) when ``data`` and ``scenario`` are given."""
 
     data: DataManager
     scenario: Scenario
     device: torch.device
     seed: int
     quiet: bool = False
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        splits = getattr(self.data, "splits", None)
+        if not self.class_names and self.scenario is not None and splits is not None:
+            self.class_names = self.scenario.by_label(splits.class_names)
 
 
 class Learner(nn.Module):
