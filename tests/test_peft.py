@@ -262,3 +262,21 @@ def test_errors() -> None:
         with pytest.raises(ConfigError, match="ViT"):
             peft.attach(cnn, method)
     assert all(s.channel_dim == 1 for s in peft.attach(cnn, "ssf").module.sites.values())
+
+
+def test_backbone_pretrained_bypasses_every_member_of_an_attached_set() -> None:
+    """``Backbone.pretrained()`` gives the plain output with an adapter set (whose per-block
+    adapters check their own switch) and a LoRA set attached; before the fix it switched off
+    only the sets themselves and returned adapted features."""
+    model, x = _model("vit_tiny")
+    bb = Backbone(model, "vit_tiny", 192, Preprocess(32, (0.5,) * 3, (0.5,) * 3))
+    bb.fingerprint()  # of the pre-trained weights, as a build takes it
+    y0 = _out(bb, x)
+    ad, lora = peft.attach(bb, "adapter"), peft.attach(bb, "lora")
+    _perturb(bb.model)
+    y = _out(bb, x)
+    assert not torch.equal(y, y0)
+    with bb.pretrained():
+        assert torch.equal(_out(bb, x), y0)
+    assert torch.equal(_out(bb, x), y)  # every switch is back on
+    assert all(m.enabled for h in (ad, lora) for m in h.module.modules() if hasattr(m, "enabled"))

@@ -91,7 +91,10 @@ class Backbone(nn.Module):
                 "pre-trained features cannot be computed any more; request them before training "
                 "the backbone, or rerun with the feature cache enabled"
             )
-        switched = [m for m in self.attachments() if getattr(m, "enabled", False)]
+        # every switch inside each attachment: a set's own flag does not reach its members'
+        # hooks (an AdapterSet's per-block adapters check their own ``enabled``)
+        switched = list({id(m): m for a in self.attachments() for m in a.modules()
+                         if getattr(m, "enabled", False)}.values())
         for m in switched:
             m.enabled = False
         try:
