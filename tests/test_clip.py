@@ -340,3 +340,24 @@ def test_cifar10_end_to_end_zeroshot_and_simplecil_resume(cifar10_archive, tmp_p
             names = [full["class_names"][i].replace("_", " ") for i in range(10)]  # folder names, label order
             assert seen[:10] == [f"a photo of a {n}." for n in names]
             assert "a photo of a airplane." in seen and state["classifier"].shape == (10, 32)
+
+
+TOKEN_METHODS = {
+    "l2p": {},
+    "dualprompt": {"method.g_layers": "[0]", "method.e_layers": "[1]"},
+    "coda_prompt": {"method.pool_size": 10, "method.layers": "[0,1]"},
+    "dap": {},
+    "esn": {},
+    "lae": {"method.pet_blocks": "[0,1]"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_METHODS))
+def test_token_methods_run_on_the_clip_image_tower(name, tmp_path):
+    """Methods that read the ViT's tokens (prompts, class attention, prefixes) work on CLIP's
+    image tower, whose token width (64) differs from its feature (projection) width (32):
+    prompt keys live in the query's width, prompted features pass CLIP's projection."""
+    over = tiny_overrides(name, **{"backbone.name": "clip_tiny_test", "method.epochs": 1, "method.batch_size": 8,
+                                   **TOKEN_METHODS[name]})
+    m = run(None, over, out=tmp_path / "run", quiet=True, max_tasks=1)
+    assert m["tasks_done"] == 1

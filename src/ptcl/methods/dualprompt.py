@@ -101,7 +101,7 @@ class DualPrompt(PromptPoolLearner):
             raise ConfigError(f"method.g_layers/e_layers {bad} exceed the backbone's {depth} blocks")
         d = self.prompting.attn_dim
         self.g_prompt = nn.Parameter(torch.empty(len(cfg.g_layers), 2, cfg.g_length, d).uniform_(-1, 1))
-        self.pool = PromptPool(cfg.pool_size, (len(cfg.e_layers), 2, cfg.e_length, d), backbone.model.embed_dim, -1.0, 1.0)
+        self.pool = PromptPool(cfg.pool_size, (len(cfg.e_layers), 2, cfg.e_length, d), backbone.feature_dim, -1.0, 1.0)
 
     def prepare_task(self, task: Task) -> None:
         if self.cfg.shared_prompt_pool and task.index > 0:

@@ -99,8 +99,9 @@ class L2P(PromptPoolLearner):
 
     def __init__(self, cfg: L2PConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
-        d = backbone.model.embed_dim
-        self.pool = PromptPool(cfg.pool_size, (cfg.prompt_length, d), d, *PROMPT_INIT[cfg.prompt_init])
+        d = backbone.model.embed_dim  # prompts: token width; keys: the query's (CLIP: its projection)
+        self.pool = PromptPool(cfg.pool_size, (cfg.prompt_length, d), backbone.feature_dim,
+                               *PROMPT_INIT[cfg.prompt_init])
 
     def select(self, query: torch.Tensor, training: bool = False) -> torch.Tensor:
         """``(B, top_k)`` indices of the prompts for each query ``(B, D)``: batch-wise
@@ -120,5 +121,6 @@ class L2P(PromptPoolLearner):
         else:
             with inj.use(tokens=tokens, keep_tokens=True):
                 out = self.backbone.forward_tokens(images)
-                feats = self.backbone.model.fc_norm(out[:, inj.token_slice].mean(1))
+                model = self.backbone.model  # the head is Identity, or CLIP's projection
+                feats = model.head(model.fc_norm(out[:, inj.token_slice].mean(1)))
         return feats, self.pool.pull(query, idx)
