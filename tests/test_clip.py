@@ -27,6 +27,7 @@ from ptcl.config import BackboneConfig, DatasetConfig, build_config
 from ptcl.data.class_names import default_names, read_name_map
 from ptcl.data.datasets import load_dataset, read_image_folder
 from ptcl.data.templates import TEMPLATE_SETS, resolve_templates, template_set, text_classifier
+from ptcl.engine.rundir import ResumeError
 from ptcl.engine.runner import run
 from ptcl.errors import BackboneError, ConfigError, DataError
 from ptcl.io import load_tensors
@@ -361,3 +362,25 @@ def test_token_methods_run_on_the_clip_image_tower(name, tmp_path):
                                    **TOKEN_METHODS[name]})
     m = run(None, over, out=tmp_path / "run", quiet=True, max_tasks=1)
     assert m["tasks_done"] == 1
+
+
+def test_resume_refuses_changed_class_names(tmp_path):
+    """The class names are part of the stream: a resume after the name map changed is refused."""
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        for c in range(4):
+            d = root / split / f"n{c:04d}"
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((32, 32, 3), 40 * c + i, np.uint8)).save(d / f"{i}.png")
+    names = root / "names.txt"
+    names.write_text("".join(f"n{c:04d}\tclass {c}\n" for c in range(4)))
+    over = tiny_overrides("zeroshot_clip", **{"dataset.name": "imagefolder", "dataset.root": root,
+                                              "dataset.class_names": names, "dataset.train_per_class": 3,
+                                              "dataset.test_per_class": 3})
+    m = run(None, over, out=tmp_path / "run", quiet=True, max_tasks=1)
+    header = m.get("class_names") or []
+    assert sorted(header) == [f"class {c}" for c in range(4)]
+    names.write_text("".join(f"n{c:04d}\tother {c}\n" for c in range(4)))
+    with pytest.raises(ResumeError, match="class names changed"):
+        run(resume=tmp_path / "run", quiet=True)

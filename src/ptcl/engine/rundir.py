@@ -93,8 +93,11 @@ def check_out_dir(out: str | os.PathLike, what: str = "--out") -> Path:
 
 def stream_identity(splits: Any, scenario: Any, index: dict[str, np.ndarray]) -> dict[str, Any]:
     """What defines the task stream: the dataset's content fingerprints, class order, task
-    sizes and the hashes of the selected sample indices (per split)."""
+    sizes, the hashes of the selected sample indices (per split) and the class names a
+    learner sees (dataset class order; a CLIP method's text classifier depends on them)."""
+    names = getattr(splits, "class_names", None)
     return {
+        **({"class_names": [str(n) for n in names]} if names is not None else {}),
         "dataset_fingerprint": {s: getattr(splits, s).fingerprint for s in ("train", "test")},
         "num_classes": int(splits.num_classes),
         "class_order": [int(c) for c in scenario.order],
@@ -261,6 +264,8 @@ class RunFolder:
         }
         if not isinstance(saved, dict) or any(k not in saved for k in labels):
             raise self._damaged(p, "not the record of a stream", todo)
+        if "class_names" in saved:  # recorded since the class names reach the learner
+            labels["class_names"] = "the class names changed (a name map or dataset.class_names)"
         for key, what in labels.items():
             if saved[key] != current.get(key):
                 detail = ""

@@ -169,7 +169,8 @@ def _run(
         "dataset": cfg.dataset.name,
         "seed": cfg.seed,
         "class_order": scenario.order,
-        "class_names": [splits.train.classes[c] for c in scenario.order],
+        "class_names": scenario.by_label(splits.class_names),  # as the learner sees them
+        "class_folders": [splits.train.classes[c] for c in scenario.order],
         "task_sizes": scenario.sizes,
         "num_tasks": scenario.num_tasks,
         "train_samples": int(len(data.index["train"])),
