@@ -18,6 +18,7 @@ from ptcl.methods import (  # noqa: F401  (registration)
     slca,
     vpt_seq,
     zeroshot_clip,
+    zscl,
 )
 from ptcl.methods.base import Learner, LearnerContext
 
