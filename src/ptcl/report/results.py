@@ -30,6 +30,9 @@ PROTOCOLS = {
                             "images and every batch holds one task (the per-task test loaders of the "
                             "official L2P, DualPrompt and DAP codes): task identity leaks through "
                             "batch composition",
+    "batch_mean_fusion_class_order": "the fused text and prototype tokens are averaged over each test batch "
+                                     "(PROOF's official evaluation) and the test set is served sorted by class: "
+                                     "a prediction depends on the other images of its batch",
 }
 
 DEFINITIONS = {
@@ -48,9 +51,9 @@ DEFINITIONS = {
 
 
 def leaks_task_identity(protocol: str | None) -> bool:
-    """True for protocols whose test batches are formed by class or task (the batch vote
-    then sees the task)."""
-    return protocol is not None and protocol.startswith("batchwise_") and protocol != "batchwise_mixed_order"
+    """True for protocols whose test batches are formed by class or task while a prediction
+    depends on its batch (a batch vote or a batch mean then sees the task)."""
+    return protocol is not None and protocol.endswith(("_class_order", "_task_order"))
 
 
 def summarize(header: dict, rows: list[dict]) -> dict:
