@@ -13,6 +13,7 @@ from ptcl.methods import (  # noqa: F401  (registration)
     l2p,
     lae,
     mos,
+    promptfusion,
     proof,
     ranpac,
     simplecil,
