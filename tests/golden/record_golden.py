@@ -10,6 +10,10 @@ and, for every tensor of the final checkpoint, its SHA-256 plus float64 sum and 
 (compared exactly on the recording platform, with a tolerance elsewhere: another CPU or
 library version may round differently). CIFAR-10 setting: the README's EfficientNet-Lite0
 run (200 / 100 images per class, 5 tasks of 2), accuracy matrices only.
+
+Record with torch's default thread count on a 2-core machine (CI's): a matrix product's
+reduction order, and so its last bits, depends on the thread count, so a record made under
+``OMP_NUM_THREADS=1`` does not reproduce bit for bit with 2 threads.
 """
 
 from __future__ import annotations
