@@ -21,7 +21,14 @@ from ptcl.experts import (
     fisher_average,
     task_arithmetic,
 )
-from ptcl.experts.ensemble import free_energy, max_softmax, scatter_selected, select_by_energy
+from ptcl.experts.ensemble import (
+    free_energy,
+    max_softmax,
+    scatter_selected,
+    select_by_energy,
+    self_refined_retrieval,
+    subspace_reweight,
+)
 from ptcl.experts.merge import FISHER_EPS
 
 
@@ -318,3 +325,27 @@ def test_metrics_report_the_inference_cost_per_task(tmp_path):
     simple = [c["parameters"] for c in got["simplecil"]]
     assert [b - a for a, b in zip(simple, simple[1:])] == [2 * 32] * (n - 1)
     assert all(e - d > 2 * 32 for d, e in zip(ease_params, ease_params[1:]))
+
+
+def test_subspace_reweight_matches_hand_computation():
+    scores = torch.tensor([[[0.5, 0.1, 0.2], [0.3, 0.9, 0.0]]])  # 1 sample, 2 classes, 3 sub-spaces
+    own = torch.tensor([0, 1])
+    a = 0.1
+    want = torch.tensor([[0.5 + a / 2 * (0.1 + 0.2), 0.9 + a / 2 * (0.3 + 0.0)]])
+    torch.testing.assert_close(subspace_reweight(scores, own, a), want)
+    with pytest.raises(ValueError, match="outside"):
+        subspace_reweight(scores, torch.tensor([0, 3]), a)
+
+
+def test_self_refined_retrieval_follows_the_predicted_task_until_stable():
+    # 2 samples, 3 experts, 1-d features; class c belongs to expert c; the head is the identity
+    # on one-hot class scores held in the features
+    feats = torch.tensor([
+        [[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]],  # expert 0 says class 1 -> expert 1 says 2 -> 2 says 2
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]],  # expert 0 says 0: stable at once
+    ])
+    out = self_refined_retrieval(feats, torch.tensor([0, 0]), lambda f: f, lambda lg: lg.argmax(1), steps=5)
+    assert out.argmax(1).tolist() == [2, 0]
+    assert torch.equal(out[0], feats[0, 2]) and torch.equal(out[1], feats[1, 0])
+    one = self_refined_retrieval(feats, torch.tensor([0, 0]), lambda f: f, lambda lg: lg.argmax(1), steps=1)
+    assert torch.equal(one, feats[:, 0])  # one step: the first guess's logits

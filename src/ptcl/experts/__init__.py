@@ -7,7 +7,8 @@
   :func:`ema` (and the in-place :func:`ema_`), :func:`fisher_average`,
   :func:`task_arithmetic`;
 * :mod:`ptcl.experts.ensemble` -- pure functions on the experts' logits: :func:`max_softmax`
-  (LAE), :func:`free_energy` and :func:`select_by_energy` (ESN), :func:`scatter_selected`.
+  (LAE), :func:`free_energy` and :func:`select_by_energy` (ESN), :func:`subspace_reweight`
+  (EASE), :func:`self_refined_retrieval` (MOS), :func:`scatter_selected`.
 
 Used by EASE, MOS, ESN, LAE and CoFiMA; the layer sits below :mod:`ptcl.methods` (it imports ``peft``,
 ``backbones`` and ``data``, never a method or the engine).
@@ -16,7 +17,14 @@ Used by EASE, MOS, ESN, LAE and CoFiMA; the layer sits below :mod:`ptcl.methods`
 from __future__ import annotations
 
 from ptcl.experts.container import ExpertForward, Experts, Key, expert_fingerprint, expert_name
-from ptcl.experts.ensemble import free_energy, max_softmax, scatter_selected, select_by_energy
+from ptcl.experts.ensemble import (
+    free_energy,
+    max_softmax,
+    scatter_selected,
+    select_by_energy,
+    self_refined_retrieval,
+    subspace_reweight,
+)
 from ptcl.experts.merge import average, check_states, ema, ema_, fisher_average, task_arithmetic
 
 __all__ = [
@@ -34,5 +42,7 @@ __all__ = [
     "max_softmax",
     "scatter_selected",
     "select_by_energy",
+    "self_refined_retrieval",
+    "subspace_reweight",
     "task_arithmetic",
 ]

@@ -18,12 +18,16 @@ Rules and sources:
   github.com/iamwangyabin/ESN ``trainer.py``, ``eval``);
 * :func:`scatter_selected` -- the selected expert's logits placed in its class block of the
   full logit row, ``fill`` elsewhere (how an expert selection becomes logits over all seen
-  classes).
+  classes);
+* :func:`subspace_reweight` -- EASE's weighting of per-sub-space scores (1 on a class's own
+  sub-space, ``alpha / (S - 1)`` elsewhere);
+* :func:`self_refined_retrieval` -- MOS's iterated choice of the expert whose prediction
+  agrees with itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -97,3 +101,51 @@ def scatter_selected(
         out[rows, start : start + t.shape[1]] = t[rows]
         start += t.shape[1]
     return out
+
+
+def subspace_reweight(scores: torch.Tensor, own: torch.Tensor, alpha: float) -> torch.Tensor:
+    """EASE's sub-space re-weighting: ``(N, C, S)`` per-sub-space scores (e.g. cosine to each
+    class's prototype in each expert's sub-space) -> ``(N, C)``, ``sum_s w[c, s] scores[:, c,
+    s]`` with weight 1 on class ``c``'s own sub-space ``own[c]`` and ``alpha / (S - 1)`` on
+    every other (Zhou et al., CVPR 2024; github.com/sun-hailong/CVPR24-Ease
+    ``forward_reweight``). Raises ``ValueError`` for mismatched shapes or an ``own`` outside
+    ``[0, S)``."""
+    if scores.dim() != 3 or own.shape != (scores.shape[1],):
+        raise ValueError(f"scores must be (N, C, S) and own (C,); got {tuple(scores.shape)} and {tuple(own.shape)}")
+    s = scores.shape[2]
+    if len(own) and (int(own.min()) < 0 or int(own.max()) >= s):
+        raise ValueError(f"own holds a sub-space outside [0, {s})")
+    w = torch.full((len(own), s), alpha / max(s - 1, 1), device=scores.device)
+    w[torch.arange(len(w)), own] = 1.0
+    return (scores * w).sum(2)
+
+
+def self_refined_retrieval(
+    feats: torch.Tensor,
+    start: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    task_of: Callable[[torch.Tensor], torch.Tensor],
+    steps: int,
+) -> torch.Tensor:
+    """MOS's self-refined adapter retrieval: ``feats`` ``(N, E, D)`` (each sample's feature
+    under every expert), ``start`` ``(N,)`` the first-guess expert per sample. Each step scores
+    the current expert's feature with ``head`` and moves to the expert of the predicted class
+    (``task_of(logits) -> (N,)``) until the choice is stable or ``steps`` are done; returns the
+    logits of the expert each sample settles on, ``(N, C)`` (Sun et al., AAAI 2025;
+    github.com/sun-hailong/AAAI25-MOS ``_eval_cnn``). Raises ``ValueError`` for ``steps < 1``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    rows = torch.arange(len(feats), device=feats.device)
+    cur, done = start.clone(), torch.zeros_like(start, dtype=torch.bool)
+    final: torch.Tensor | None = None
+    for it in range(steps):
+        logits = head(feats[rows, cur])
+        if final is None:
+            final = torch.empty_like(logits)
+        final[~done] = logits[~done]
+        nxt = task_of(logits)
+        done = done | (nxt == cur) | (it + 1 == steps)
+        cur = torch.where(done, cur, nxt)
+        if bool(done.all()):
+            break
+    return final  # type: ignore[return-value]

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.scenario import Task
-from ptcl.experts import Experts
+from ptcl.experts import Experts, subspace_reweight
 from ptcl.heads.class_statistics import class_means
 from ptcl.methods.adapt import temporary_head
 from ptcl.methods.base import FEATURES, Learner, require_vit
@@ -148,13 +148,6 @@ class EASE(Learner):
         """Concatenated features of every adapter sub-space (``S * D`` columns)."""
         return self.experts.features(split, classes)
 
-    def weights(self) -> torch.Tensor:
-        """(classes, sub-spaces) weights: 1 on a class's own sub-space, ``alpha / t`` elsewhere."""
-        s = self.protos.shape[1]
-        w = torch.full((len(self.class_task), s), self.cfg.alpha / max(s - 1, 1), device=self.protos.device)
-        w[torch.arange(len(w)), self.class_task] = 1.0
-        return w
-
     def inference_cost(self) -> dict[str, int]:
         """An ensemble: one backbone pass per adapter set (the feature concatenates every
         sub-space's), so the cost grows by one pass per task."""
@@ -166,4 +159,4 @@ class EASE(Learner):
         s = self.protos.shape[1]
         xs = F.normalize(x.view(len(x), s, self.dim), dim=2)
         cos = torch.einsum("bsd,csd->bcs", xs, F.normalize(self.protos, dim=2))
-        return (cos * self.weights()).sum(2)
+        return subspace_reweight(cos, self.class_task, self.cfg.alpha)

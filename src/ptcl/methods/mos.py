@@ -90,7 +90,7 @@ from ptcl.backbones.base import Backbone
 from ptcl.config import TrainConfig
 from ptcl.data.features import extract_features
 from ptcl.data.scenario import Task
-from ptcl.experts import Experts, average, ema, ema_
+from ptcl.experts import Experts, average, ema, ema_, self_refined_retrieval
 from ptcl.heads.class_statistics import SharedCovariance, class_gaussians, class_means
 from ptcl.heads.linear import IncrementalLinear
 from ptcl.methods.alignment import classifier_alignment
@@ -334,20 +334,10 @@ class MOS(Learner):
 
     @torch.no_grad()
     def retrieve(self, feats: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        """Self-refined retrieval. ``feats``: (B, tasks, D); ``start``: first-guess task per
-        sample. Returns the head logits of the adapter each sample settles on."""
-        rows = torch.arange(len(feats), device=feats.device)
-        cur, done = start.clone(), torch.zeros_like(start, dtype=torch.bool)
-        final = torch.empty(len(feats), self.head.out_features, device=feats.device)
-        for it in range(self.cfg.refine_steps):
-            logits = self.head(feats[rows, cur])
-            final[~done] = logits[~done]
-            nxt = self.task_of(logits)
-            done = done | (nxt == cur) | (it + 1 == self.cfg.refine_steps)
-            cur = torch.where(done, cur, nxt)
-            if bool(done.all()):
-                break
-        return final
+        """Self-refined retrieval (:func:`ptcl.experts.self_refined_retrieval`). ``feats``:
+        (B, tasks, D); ``start``: first-guess task per sample. Returns the head logits of the
+        adapter each sample settles on."""
+        return self_refined_retrieval(feats, start, self.head, self.task_of, self.cfg.refine_steps)
 
     def features(self, split: str, classes: Sequence[int] | range) -> tuple[torch.Tensor, torch.Tensor]:
         """Features under every task's adapter, concatenated (``tasks * D`` columns).
