@@ -137,7 +137,8 @@ class PromptFusionConfig(TrainConfig):
         "vit_base_patch16_224.orig_in21k", "the booster ViT: a registered backbone or timm name",
         source="official PromptFusion main.py / vision_transformer.py (vit_base_patch16_224, "
         "imagenet21k/ViT-B_16.npz)")
-    vit_weights: str | None = option(None, "a local checkpoint of vit_backbone (offline)", path=True)
+    vit_weights: str | None = option(None, "a local checkpoint of vit_backbone (offline)", path=True,
+                                      source="ptcl (the official loads imagenet21k/ViT-B_16.npz)")
     lambda_init: float = option(1.0, "initial lambda; sigmoid(lambda) weighs the ViT branch's logits",
                                 source=f"{_MODEL} (lambda_ = ones(1))")
     memory_size: int = option(5000, "exemplars in total over the seen classes (0: no rehearsal)", ge=0,

@@ -50,6 +50,8 @@ class ZeroShotCLIPConfig(MethodConfig):
         "simple", f"prompt templates: a set name ({', '.join(TEMPLATE_SETS)}; ptcl.data.templates) or a list "
         "of strings with one {} for the class name; the classifier averages over them",
         source="CLIP (Radford et al. 2021, Sec. 3.1.4): 'A photo of a {label}.'")
+    text_batch_size: int = option(64, "class names encoded per text-tower batch (memory, not results)", ge=1,
+                                  source="ptcl (open_clip build_zero_shot_classifier num_classes_per_batch)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,7 +91,8 @@ class ZeroShotCLIP(Learner):
 
     def after_task(self, task: Task) -> None:
         names = self.ctx.class_names[task.start : task.end]
-        self.classifier[task.start : task.end] = text_classifier(self.text, names, self.templates).to(
+        self.classifier[task.start : task.end] = text_classifier(self.text, names, self.templates,
+                                                                      self.cfg.text_batch_size).to(
             self.classifier.device)
 
     @torch.no_grad()

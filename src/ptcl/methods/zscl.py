@@ -172,10 +172,11 @@ class ZSCLConfig(TrainConfig):
         None, "reference images: an image folder or archive (train/<class>/*, test/<class>/*); null: the "
         "current task's training images (the official uses Conceptual Captions, not available offline)",
         path=True, source="official ZSCL cil/continual_clip/cc.py (CC validation images)")
-    reference_split: Literal["train", "test"] = option("train", "split of reference_root used as reference images")
+    reference_split: Literal["train", "test"] = option("train", "split of reference_root used as reference images",
+                                                       source="ptcl (the official reference set has no splits)")
     reference_class_names: str | None = option(
         None, "a class-name map for reference_root's classes (ptcl.data.class_names); null: a classnames.txt / "
-        "words.txt beside it, else its folder names", path=True)
+        "words.txt beside it, else its folder names", path=True, source="ptcl")
     reference_texts: str | None = option(
         None, "reference texts: a UTF-8 file with one sentence per line (e.g. CC captions), used verbatim; "
         "null: the reference class names in reference_templates", path=True,
@@ -292,7 +293,7 @@ def _forever(loader: DataLoader) -> Iterator:
 
 @METHODS.register("zscl")
 class ZSCL(Learner):
-    """ZSCL (Zheng et al., ICCV 2023): CLIP fine-tuning with distillation from the initial CLIP on reference data and weight ensembling."""
+    """ZSCL (Zheng et al., ICCV 2023): CLIP fine-tuning, distillation from the initial CLIP, weight ensembling."""
 
     config_cls = ZSCLConfig
     inputs = IMAGES
