@@ -9,7 +9,6 @@ import torch
 from helpers import make_learner, run_task, tiny_overrides
 from torch.utils.data import DataLoader
 
-import ptcl.methods.lae as lae_mod
 from ptcl.config import build_config
 from ptcl.engine.evaluate import eval_dataset
 from ptcl.engine.runner import run, seed_everything
@@ -55,14 +54,15 @@ class Recorder(Callback):
 def record(monkeypatch):
     """``record(learner)`` -> a list that gets one :class:`Recorder` per ``fit`` of the learner."""
     recs: list[Recorder] = []
-    fit = lae_mod.fit
 
     def start(learner):
+        fit = learner.fit
+
         def recorded_fit(*args, callbacks=(), **kwargs):
             recs.append(Recorder(learner))
             return fit(*args, callbacks=[*callbacks, recs[-1]], **kwargs)
 
-        monkeypatch.setattr(lae_mod, "fit", recorded_fit)
+        monkeypatch.setattr(learner, "fit", recorded_fit)
         return recs
 
     return start

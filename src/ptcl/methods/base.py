@@ -198,12 +198,14 @@ class Learner(nn.Module):
         desc: str = "train",
         seed: int = 0,
         callbacks: Sequence[Callback] = (),
+        drop_last: bool = False,
     ) -> list[float]:
         """Run the one train loop (:func:`ptcl.train.fit`) over ``dataset`` (shuffled with
-        the run seed + ``seed`` unless ``cfg.shuffle`` is false) with this method's options
-        (or ``cfg``)."""
+        the run seed + ``seed`` unless ``cfg.shuffle`` is false; the last incomplete batch
+        dropped with ``drop_last``) with this method's options (or ``cfg``)."""
         cfg = cfg or self.cfg  # type: ignore[assignment]
-        loader = self.ctx.data.loader(dataset, cfg.batch_size, shuffle=getattr(cfg, "shuffle", True), seed=seed)
+        loader = self.ctx.data.loader(dataset, cfg.batch_size, shuffle=getattr(cfg, "shuffle", True), seed=seed,
+                                      drop_last=drop_last)
         return fit(self, loader, step, params, cfg, self.device, epochs, desc, self.ctx.quiet, callbacks)
 
     # -- checkpointing --------------------------------------------------------------------

@@ -88,7 +88,7 @@ from ptcl.options import option
 from ptcl.peft.base import check_options
 from ptcl.peft.lora import tuned_blocks
 from ptcl.registry import METHODS
-from ptcl.train import AfterStep, Callback, LoopState, fit
+from ptcl.train import AfterStep, Callback, LoopState
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +239,13 @@ class LAE(Learner):
             callbacks.append(AfterStep(lambda _: ema_(offline, online, cfg.ema_decay)))
         data = self.ctx.data.images("train", task.classes, train_transform=True)
         drop_last = cfg.drop_last and len(data) >= cfg.batch_size
-        loader = self.ctx.data.loader(data, cfg.batch_size, shuffle=cfg.shuffle, seed=t, drop_last=drop_last)
 
         def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(self.head(self.backbone(x))[:, task.start :], y - task.start)
 
         with self.experts.training(ONLINE) as h:
             params = [*h.parameters(), *self.head.parameters()]
-            losses = fit(self, loader, step, params, cfg, self.device, desc=f"task {t}", quiet=self.ctx.quiet,
-                         callbacks=callbacks)
+            losses = self.fit(data, step, params, desc=f"task {t}", seed=t, callbacks=callbacks, drop_last=drop_last)
         if losses:
             log.info("LAE task %d: loss %.4f -> %.4f", t, losses[0], losses[-1])
 

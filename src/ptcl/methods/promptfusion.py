@@ -99,7 +99,6 @@ from ptcl.options import option
 from ptcl.peft.prompting import PromptInjector, attach_prompting
 from ptcl.registry import METHODS
 from ptcl.seeding import generator
-from ptcl.train.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -345,9 +344,7 @@ class PromptFusion(Learner):
         self._text_cache = None
         dev = self.lambda_.device
         ds = self.train_dataset(task)
-        loader = self.ctx.data.loader(ds, cfg.batch_size, shuffle=cfg.shuffle, seed=100 * task.index,
-                                      drop_last=cfg.drop_last)
-        if len(loader) == 0:
+        if cfg.drop_last and len(ds) < cfg.batch_size:
             log.warning("promptfusion task %d: %d training samples make no full batch of %d (method.drop_last); "
                         "nothing is trained", task.index, len(ds), cfg.batch_size)
         old_text = None
@@ -363,7 +360,7 @@ class PromptFusion(Learner):
         def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return self.task_loss(x, y, task, old_text, beta)
 
-        fit(self, loader, step, params, cfg, self.device, desc=f"task {task.index}", quiet=self.ctx.quiet)
+        self.fit(ds, step, params, desc=f"task {task.index}", seed=100 * task.index, drop_last=cfg.drop_last)
 
     def after_task(self, task: Task) -> None:
         self._text_cache = None
