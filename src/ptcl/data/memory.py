@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -146,8 +145,5 @@ class ExemplarMemory(nn.Module):
 
     def dataset(self, data: DataManager, train_transform: bool = True) -> TaskImages:
         """The stored samples as images (with the train augmentation where
-        ``train_transform``), labels as stored."""
-        pos = self.positions.cpu().numpy()
-        tf = data.backbone.transform(train=train_transform, augment=data.augment)
-        return TaskImages(data.imageset("train"), data.index["train"][pos], self.labels.cpu().numpy().astype(np.int64),
-                          tf, train_transform and data.augment.random)
+        ``train_transform``), labelled by the data layer (the stored ``labels``)."""
+        return data.images_at("train", self.positions.cpu().numpy(), train_transform)

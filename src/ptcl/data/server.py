@@ -120,9 +120,13 @@ class DataManager:
         return np.flatnonzero(np.isin(self.label[split], np.asarray(list(classes))))
 
     def images(self, split: str, classes: Sequence[int] | range, train_transform: bool = False) -> TaskImages:
-        pos = self.positions(split, classes)
+        return self.images_at(split, self.positions(split, classes), train_transform)
+
+    def images_at(self, split: str, positions: np.ndarray, train_transform: bool = False) -> TaskImages:
+        """The samples at ``positions`` (within the selected subset of ``split``, as
+        :meth:`positions` returns them, e.g. an exemplar memory's) with their remapped labels."""
         tf = self.backbone.transform(train=train_transform, augment=self.augment)
-        return TaskImages(self.imageset(split), self.index[split][pos], self.label[split][pos], tf,
+        return TaskImages(self.imageset(split), self.index[split][positions], self.label[split][positions], tf,
                           train_transform and self.augment.random)
 
     def images_with_features(
