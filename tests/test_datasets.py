@@ -178,8 +178,8 @@ def test_empty_class_folder(tmp_path: Path) -> None:
 
 
 def test_non_archive_file_root(tmp_path: Path) -> None:
-    f = tmp_path / "data.zip"
-    f.write_bytes(b"PK")
+    f = tmp_path / "data.rar"  # .zip is an archive now (tests/test_tinyimagenet.py)
+    f.write_bytes(b"Rar!")
     with pytest.raises(DataError, match="not a .tar"):
         load_dataset(DatasetConfig(name="imagefolder", root=str(f)))
 

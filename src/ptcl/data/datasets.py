@@ -5,7 +5,8 @@ is the scenario's job. Registered names: ``mnist_demo`` (embedded, works offline
 ``cifar10``, ``cifar100`` (torchvision's pickled format), ``imagefolder`` (any
 ``train/<class>/*`` + ``test/<class>/*`` tree, or a tar archive of one) and presets of the
 folder layouts LAMDA-PILOT uses: ``imagenet-r``, ``imagenet-a``, ``cub``, ``objectnet``,
-``omnibenchmark``, ``vtab``.
+``omnibenchmark``, ``vtab``; ``tinyimagenet`` reads Tiny-ImageNet-200's own download layout
+(:mod:`ptcl.data.tinyimagenet`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ptcl.config import DatasetConfig
 from ptcl.data.archive import extract_once, is_archive
 from ptcl.data.base import DatasetSplits, ImageSet, fingerprint_array, fingerprint_files
 from ptcl.data.class_names import class_names
+from ptcl.data.tinyimagenet import TOP_FOLDER as _TINY_FOLDER
+from ptcl.data.tinyimagenet import read_tiny_imagenet
 from ptcl.errors import DataError
 from ptcl.paths import cache_dir
 from ptcl.registry import DATASETS
@@ -401,7 +404,7 @@ def read_image_folder(
     if given.is_file():
         if not is_archive(given):
             raise DataError(
-                f"{name}: {given} is a file but not a .tar/.tar.gz/.tgz archive; "
+                f"{name}: {given} is a file but not a .tar/.tar.gz/.tgz/.zip archive; "
                 f"expected a folder or archive with {LAYOUT}{tail}"
             )
         base = extract_once(given)
@@ -533,3 +536,12 @@ def _register_preset(p: FolderPreset) -> None:
 
 for _p in PRESETS.values():
     _register_preset(_p)
+
+
+@DATASETS.register("tinyimagenet")
+def load_tinyimagenet(cfg: DatasetConfig) -> DatasetSplits:
+    """Tiny-ImageNet-200: 200 classes in its download layout (folder, .zip or tar), val as test.
+
+    Read from ``cfg.root`` (default: ``tiny-imagenet-200`` in the data cache) by
+    :func:`ptcl.data.tinyimagenet.read_tiny_imagenet`."""
+    return read_tiny_imagenet(cfg.root if cfg.root else cache_dir("data") / _TINY_FOLDER)
