@@ -21,7 +21,14 @@ Selection (per new class, over its training features):
   on L2-normalised features, the ``k``-th exemplar is the sample (not yet chosen) that
   brings the mean of the ``k`` chosen closest to the class mean. The order is a priority:
   shrinking a class keeps its first exemplars;
+* ``closest_to_mean`` -- the samples whose L2-normalised features are closest (Euclidean)
+  to the class mean of the normalised features, nearest first (Avalanche's
+  ``ClosestToCenterSelectionStrategy``, ``avalanche/training/storage_policy.py``, which ranks
+  the raw features; normalised here as herding is);
 * ``random`` -- a uniform draw from a generator the caller derives from the run seed.
+
+Serving rehearsal data: :func:`images_with_memory` gives the current task's training images
+and the stored ones as one dataset of the data layer (one transform, one label map).
 """
 
 from __future__ import annotations
@@ -29,13 +36,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ptcl.data.server import DataManager, TaskImages
 
-Selection = Literal["herding", "random"]
+Selection = Literal["herding", "closest_to_mean", "random"]
+SELECTIONS: tuple[str, ...] = ("herding", "closest_to_mean", "random")
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:
@@ -63,11 +72,29 @@ def herding(features: torch.Tensor, m: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long)
 
 
+def closest_to_mean(features: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices (``(min(m, N),)`` long, nearest first) of the ``m`` samples of one class whose
+    L2-normalised features ``(N, D)`` are closest to the class mean of the normalised
+    features; ties go to the lowest index. Raises ``ValueError`` for ``m < 0`` or a feature
+    tensor that is not 2-D."""
+    if features.dim() != 2:
+        raise ValueError(f"closest_to_mean needs (N, D) features, got shape {tuple(features.shape)}")
+    if m < 0:
+        raise ValueError(f"m must be >= 0, got {m}")
+    f = F.normalize(features.double(), dim=1)
+    dist = ((f - f.mean(0)) ** 2).sum(1)
+    return torch.sort(dist, stable=True).indices[: min(m, len(f))]
+
+
+_BY_FEATURES = {"herding": herding, "closest_to_mean": closest_to_mean}
+"""The feature-based selections: ``fn(features (N, D), m) -> indices in priority order``."""
+
+
 class ExemplarMemory(nn.Module):
     """Stored training samples by class (see the module docstring).
 
-    ``per_class`` or ``total`` (exactly one) sets the budget; ``selection`` is ``herding``
-    or ``random``. Buffers: ``positions`` (``(M,)`` long, positions in the selected train
+    ``per_class`` or ``total`` (exactly one) sets the budget; ``selection`` is ``herding``,
+    ``closest_to_mean`` or ``random``. Buffers: ``positions`` (``(M,)`` long, positions in the selected train
     split) and ``labels`` (``(M,)`` long, scenario labels), grouped by class in the order the
     classes arrived, each class in priority order. Raises ``ValueError`` for a bad budget.
     """
@@ -79,8 +106,8 @@ class ExemplarMemory(nn.Module):
             raise ValueError("give exactly one memory budget: per_class (fixed per class) or total (shared)")
         if (per_class is not None and per_class < 1) or (total is not None and total < 1):
             raise ValueError(f"the memory budget must be >= 1, got per_class={per_class}, total={total}")
-        if selection not in ("herding", "random"):
-            raise ValueError(f"selection must be 'herding' or 'random', got {selection!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
         self.per_class, self.total, self.selection = per_class, total, selection
         self.register_buffer("positions", torch.zeros(0, dtype=torch.long))
         self.register_buffer("labels", torch.zeros(0, dtype=torch.long))
@@ -102,8 +129,8 @@ class ExemplarMemory(nn.Module):
     def update(self, positions: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor,
                features: torch.Tensor | None, generator: torch.Generator | None = None) -> None:
         """Add the classes of ``labels`` (new classes: the samples at training-split
-        ``positions``, with ``features`` ``(N, D)`` for herding, or ``generator`` for a random
-        draw) and shrink every held class to the new per-class budget (keeping its first
+        ``positions``, with ``features`` ``(N, D)`` for herding and closest_to_mean, or
+        ``generator`` for a random draw) and shrink every held class to the new per-class budget (keeping its first
         exemplars). Raises ``ValueError`` for a class already held or mismatched inputs."""
         positions = torch.as_tensor(positions, dtype=torch.long).cpu()
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()
@@ -113,8 +140,8 @@ class ExemplarMemory(nn.Module):
         held = set(self.classes())
         if held & set(new):
             raise ValueError(f"classes {sorted(held & set(new))} are already in the memory")
-        if self.selection == "herding" and (features is None or len(features) != len(labels)):
-            raise ValueError("herding needs the features (N, D) of the N new samples")
+        if self.selection in _BY_FEATURES and (features is None or len(features) != len(labels)):
+            raise ValueError(f"{self.selection} needs the features (N, D) of the N new samples")
         if self.selection == "random" and generator is None:
             raise ValueError("random selection needs a generator (derive it from the run seed)")
         m = self.budget(len(held) + len(new))
@@ -125,8 +152,8 @@ class ExemplarMemory(nn.Module):
             keep_lab.append(self.labels[rows].cpu())
         for c in new:
             rows = torch.nonzero(labels == c).flatten()
-            if self.selection == "herding":
-                pick = herding(features[rows].cpu(), m)  # type: ignore[index]
+            if self.selection in _BY_FEATURES:
+                pick = _BY_FEATURES[self.selection](features[rows].cpu(), m)  # type: ignore[index]
             else:
                 pick = torch.randperm(len(rows), generator=generator)[:m]
             keep_pos.append(positions[rows[pick]])
@@ -147,3 +174,15 @@ class ExemplarMemory(nn.Module):
         """The stored samples as images (with the train augmentation where
         ``train_transform``), labelled by the data layer (the stored ``labels``)."""
         return data.images_at("train", self.positions.cpu().numpy(), train_transform)
+
+
+def images_with_memory(data: DataManager, classes: Sequence[int] | range, memory: ExemplarMemory | None,
+                       train_transform: bool = True) -> TaskImages:
+    """The training images of ``classes`` (the current task's) followed by the memory's
+    stored samples, as one dataset of the data layer (:meth:`DataManager.images_at`: one
+    transform, with the train augmentation where ``train_transform``; scenario labels).
+    ``memory`` ``None`` or empty: the task's images only. Length: task samples + ``len(memory)``."""
+    pos = data.positions("train", classes)
+    if memory is not None and len(memory):
+        pos = np.concatenate([pos, memory.positions.cpu().numpy()])
+    return data.images_at("train", pos, train_transform)
