@@ -102,7 +102,7 @@ class FakeData:
         g = torch.Generator().manual_seed(classes[0])
         return [((torch.randn(3, 32, 32, generator=g), torch.randn(32, generator=g)), c) for c in classes for _ in range(4)]
 
-    def loader(self, dataset, batch_size, shuffle, seed=0, drop_last=False):
+    def loader(self, dataset, batch_size, shuffle, seed=0, drop_last=False, shard=True):
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last)
 
 

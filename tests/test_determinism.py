@@ -125,10 +125,13 @@ def test_killed_during_task_1_and_resumed_equals_uninterrupted(name, reference, 
     assert_same_tensors(checkpoint(full, 1), checkpoint(out, 1), f"{name}: killed+resumed vs uninterrupted")
 
 
-def test_augmentation_does_not_depend_on_loader_workers(tmp_path):
+def test_augmentation_does_not_depend_on_loader_workers(tmp_path, monkeypatch):
     """Per-sample augmentation seeds: 0 and 2 loader workers train identical weights."""
+    from ptcl.data import loading
+
+    monkeypatch.setattr(loading, "MIN_WORKER_ITEMS", 1)  # workers even for the tiny test loaders
     over = options("finetune")
-    a = run(None, over, out=tmp_path / "w0", quiet=True, cache=FeatureCache(tmp_path / "fc"))
+    a = run(None, [*over, "num_workers=0"], out=tmp_path / "w0", quiet=True, cache=FeatureCache(tmp_path / "fc"))
     b = run(None, [*over, "num_workers=2"], out=tmp_path / "w2", quiet=True, cache=FeatureCache(tmp_path / "fc"))
     assert_same_tensors(checkpoint(Path(a["run_dir"]), 1), checkpoint(Path(b["run_dir"]), 1), "0 vs 2 workers")
 

@@ -30,8 +30,8 @@ def make(tmp_path, **extra) -> tuple[ESN, object]:
 
 
 def images(learner: ESN, classes, split: str = "test") -> torch.Tensor:
-    ds = learner.ctx.data.images(split, classes)
-    return torch.stack([ds[i][0] for i in range(len(ds))])
+    ds = learner.ctx.data.images(split, classes)  # served uint8, normalised as the loaders do
+    return learner.backbone.normalize(torch.stack([ds[i][0] for i in range(len(ds))]))
 
 
 def test_config_defaults_and_validation():
@@ -82,6 +82,7 @@ def test_training_loss_is_cross_entropy_plus_lamda_times_alignment(tmp_path, mon
 
     def fit(data, step, params, **kw):
         x, y = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
+        x = learner.backbone.normalize(x)  # served uint8: normalised as the run's loaders do
         seen.append((x, y, step(x, y).detach()))
         return [0.0]
 

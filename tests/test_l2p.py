@@ -27,7 +27,7 @@ class FakeData:
         return [((torch.randn(3, 32, 32, generator=g), torch.randn(32, generator=g)), c)
                 for c in classes for _ in range(self.per_class)]
 
-    def loader(self, dataset, batch_size, shuffle, seed=0, drop_last=False):
+    def loader(self, dataset, batch_size, shuffle, seed=0, drop_last=False, shard=True):
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=drop_last)
 
 

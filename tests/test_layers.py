@@ -18,10 +18,10 @@ PKG = SRC / "ptcl"
 RANKS: dict[str, int] = {
     # foundation: no ptcl imports but these
     "ptcl._version": 0, "ptcl.errors": 0, "ptcl.seeding": 0, "ptcl.metrics": 0,
-    "ptcl.registry": 1, "ptcl.io": 1, "ptcl.dist": 1,
+    "ptcl.registry": 1, "ptcl.io": 1, "ptcl.dist": 1, "ptcl.precision": 1,
     "ptcl.paths": 2,
     "ptcl.options": 2,
-    "ptcl.config": 3, "ptcl.report": 3,
+    "ptcl.config": 3, "ptcl.report": 3, "ptcl.pilot": 3,
     "ptcl.backbones": 4, "ptcl.heads": 4,
     "ptcl.peft": 5, "ptcl.data": 5,
     "ptcl.train": 6,

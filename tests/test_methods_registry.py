@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_learner, run_task
-from torch.utils.data import DataLoader
 
 import ptcl.methods  # noqa: F401
 from ptcl.engine.evaluate import eval_dataset, predict_seen
@@ -28,7 +27,8 @@ def make(name: str, tmp_path, **extra):
 
 def batch(learner, seen: int, n: int):
     """``n`` test inputs of the first ``seen`` classes, in the form ``predict`` takes."""
-    x, _ = next(iter(DataLoader(eval_dataset(learner, range(seen)), batch_size=n)))
+    # through the run's loader: images arrive normalised on the device (served uint8)
+    x, _ = next(iter(learner.ctx.data.loader(eval_dataset(learner, range(seen)), n, shuffle=False)))
     return x
 
 

@@ -22,7 +22,7 @@ from test_cli import cli, make_folder
 from ptcl.engine.resources import TaskMemory
 from ptcl.engine.rundir import ResumeError, RunFolderBusy
 from ptcl.engine.runner import run
-from ptcl.errors import ConfigError, ResultsWriteError, RunInterrupted, TrainingDiverged
+from ptcl.errors import ResultsWriteError, RunInterrupted, TrainingDiverged
 
 
 def folder_overrides(root: Path, **extra) -> list[str]:
@@ -63,39 +63,7 @@ def test_resume_refuses_a_changed_dataset(tmp_path, capsys):
 # --------------------------------------------------------------------------- item 7
 
 
-def test_multi_process_launch_fails_at_once(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = cli(["run", *tiny_overrides("simplecil"), "--out", str(tmp_path / "r"), "-q"], capsys)
-    assert code == 2 and "single process" in one_error_line(err)
-    assert not (tmp_path / "r").exists()
-
-
-def _run_in_group(rank: int, world: int, init: str, out: str, q) -> None:  # pragma: no cover - subprocess
-    import torch.distributed as tdist
-
-    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        run(None, tiny_overrides("simplecil"), out=f"{out}/r{rank}", quiet=True)
-        q.put((rank, "ran"))
-    except ConfigError as e:
-        q.put((rank, str(e)))
-    finally:
-        tdist.destroy_process_group()
-
-
-def test_user_initialised_process_group_is_refused(tmp_path):
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    init = f"file://{tmp_path / 'pg'}"
-    procs = [ctx.Process(target=_run_in_group, args=(r, 2, init, str(tmp_path), q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(q.get(timeout=300) for _ in procs)
-    for p in procs:
-        p.join(60)
-    assert all("single process" in results[r] for r in range(2)), results
+# multi-process launches (torchrun) are tested in tests/test_distributed.py
 
 
 # --------------------------------------------------------------------------- item 8

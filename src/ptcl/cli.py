@@ -1,6 +1,8 @@
 """Command line: ``ptcl run | list | compare``.
 
     ptcl run [CONFIG] [key=value ...] [--out DIR] [--resume RUN_DIR] [-q]
+    ptcl run --pilot-config PILOT.json [key=value ...]     (a LAMDA-PILOT exps/*.json file)
+    ptcl import-pilot PILOT.json [key=value ...] [-o OUT.yaml]
     ptcl list methods|backbones|datasets [-v]
     ptcl show METHOD
     ptcl compare RUN_DIR [RUN_DIR ...] [--plot FILE]
@@ -39,6 +41,15 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+def _launch_rank() -> int:
+    """This process's rank as torchrun set it (``RANK``; 0 otherwise), read without
+    importing torch (:func:`ptcl.dist.launch_rank`)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def _setup_logging(quiet: bool) -> None:
     h = _Stderr()
     h.setFormatter(logging.Formatter("%(message)s"))
@@ -46,7 +57,7 @@ def _setup_logging(quiet: bool) -> None:
     root = logging.getLogger("ptcl")
     root.handlers[:] = [h]
     root.setLevel(logging.INFO)
-    h.setLevel(logging.WARNING if quiet else logging.INFO)
+    h.setLevel(logging.WARNING if quiet or _launch_rank() else logging.INFO)  # torchrun: rank 0 reports
     root.propagate = False
 
 
@@ -68,10 +79,31 @@ def cmd_run(a: argparse.Namespace) -> int:
         raise PtclError("--resume continues RUN_DIR in place; it cannot be combined with --out")
     if a.from_task is not None and a.resume is None:
         raise PtclError("--from-task is for --resume: it names the finished task to continue after")
+    if a.pilot_config is not None:
+        from ptcl.pilot import load_pilot
+
+        if config is not None or a.resume is not None:
+            raise PtclError("--pilot-config replaces CONFIG and cannot be resumed with: give only key=value overrides")
+        config = load_pilot(a.pilot_config, overrides)
     m = run(config, overrides, out=a.out, resume=a.resume, quiet=a.quiet, max_tasks=a.max_tasks,
             from_task=a.from_task)
-    _out(task_table(m))
-    _out(f"run folder: {m['run_dir']}")
+    if _launch_rank() == 0:  # torchrun: every rank holds the same results; rank 0 prints them
+        _out(task_table(m))
+        _out(f"run folder: {m['run_dir']}")
+    return 0
+
+
+def cmd_import_pilot(a: argparse.Namespace) -> int:
+    import ptcl.methods  # noqa: F401  (fills the method registry)
+    from ptcl.io import atomic_write_text
+    from ptcl.pilot import pilot_yaml
+
+    text = pilot_yaml(a.pilot, a.overrides)
+    if a.output is None:
+        _out(text.rstrip("\n"))
+    else:
+        atomic_write_text(a.output, text)
+        _out(f"wrote {a.output}")
     return 0
 
 
@@ -157,7 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: continue after this finished task (its checkpoint must be "
                         "kept), dropping the records of later tasks")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    r.add_argument("--pilot-config", metavar="PILOT_JSON", help="a LAMDA-PILOT exps/*.json file instead of CONFIG")
     r.set_defaults(fn=cmd_run)
+    ip = sub.add_parser("import-pilot", help="convert a LAMDA-PILOT exps/*.json file to a ptcl YAML config")
+    ip.add_argument("pilot", metavar="PILOT_JSON")
+    ip.add_argument("overrides", nargs="*", help="key=value (e.g. dataset.root=PATH)")
+    ip.add_argument("-o", "--output", metavar="OUT_YAML", help="write here (default: print)")
+    ip.set_defaults(fn=cmd_import_pilot)
     ls = sub.add_parser("list", help="list registered components")
     ls.add_argument("what", choices=["methods", "backbones", "datasets"])
     ls.add_argument("-v", "--verbose", action="store_true", help="methods: also every option")

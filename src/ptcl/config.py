@@ -2,7 +2,7 @@
 
 A run config has the sections ``method``, ``backbone``, ``dataset``, ``scenario`` and the
 top-level keys ``seed``, ``device``, ``eval_batch_size``, ``num_workers``,
-``keep_all_checkpoints``. The ``method`` section is parsed into the registered method's own
+``keep_all_checkpoints``, ``precision``, ``loggers``. The ``method`` section is parsed into the registered method's own
 config dataclass, so ``method.epochs=3`` is checked against that method's options.
 
 Every value is checked here, before a run starts: unknown keys, values of the wrong type or
@@ -38,8 +38,10 @@ import yaml
 
 from ptcl.errors import ConfigError
 from ptcl.options import check_constraints, option
+from ptcl.precision import check_precision
 from ptcl.registry import METHODS as DEFAULT_METHODS
 from ptcl.registry import Registry
+from ptcl.report.loggers import check_loggers
 
 SECTIONS = ("method", "backbone", "dataset", "scenario")
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
@@ -308,7 +310,10 @@ class RunConfig:
     """A whole run. ``seed``: class order and every random draw (an integer in
     [0, 2**32 - 1]); ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether
     it exists here is checked by :func:`ptcl.dist.resolve_device`);
-    ``eval_batch_size`` >= 1; ``num_workers`` (data-loader processes) >= 0."""
+    ``eval_batch_size`` >= 1; ``num_workers`` (data-loader processes) >= 0 or ``auto``
+    (:func:`ptcl.data.loading.resolve_num_workers`); ``precision``:
+    ``fp32`` or ``bf16`` (:mod:`ptcl.precision`); ``loggers``: names of registered loggers
+    (:data:`ptcl.report.loggers.LOGGERS`), each at most once."""
 
     method: MethodConfig = field(default_factory=MethodConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -317,8 +322,17 @@ class RunConfig:
     seed: int = option(1993, "class order and every random draw, in [0, 2**32 - 1]", source="LAMDA-PILOT")
     device: str = option("auto", f"{DEVICE_FORMS}")
     eval_batch_size: int = option(64, "batch size of feature extraction and evaluation", ge=1)
-    num_workers: int = option(0, "data-loader worker processes", ge=0)
+    num_workers: int | Literal["auto"] = option(
+        "auto", "data-loader worker processes that decode and resize images; auto: min(8, usable cores - 1), "
+        "none for loaders under 256 items (ptcl.data.loading)", ge=0,
+        source="ptcl (LAMDA-PILOT uses 8 workers)")
     keep_all_checkpoints: bool = option(False, "keep every task's checkpoint (else only the latest)")
+    loggers: list[str] = option(
+        help="progress loggers besides run.log, into <run>/logs: csv, tensorboard (ptcl.report.loggers)",
+        factory=list)
+    precision: Literal["fp32", "bf16"] = option(
+        "fp32", "network forwards (feature extraction, training steps, image-input evaluation): fp32, or bf16 "
+        "autocast on CPU/GPU; statistics and cached features stay float32 (ptcl.precision)")
 
     def __post_init__(self) -> None:
         for sec, cls in (("method", MethodConfig), ("backbone", BackboneConfig),
@@ -327,8 +341,10 @@ class RunConfig:
                 raise ConfigError(f"config section {sec!r} must be a {cls.__name__}, got {getattr(self, sec)!r}")
         _check_common(self, "")
         _seed(self, "", "seed")
+        check_loggers(self.loggers)
         if not (isinstance(self.device, str) and _DEVICE_RE.fullmatch(self.device)):
             raise ConfigError(f"device must be {DEVICE_FORMS}, got {self.device!r}")
+        check_precision(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from ptcl.backbones.transforms import (
     Augment,
     Preprocess,
     eval_transform,
+    normalize_batch,
     train_transform,
 )
 
@@ -49,20 +50,36 @@ class Backbone(nn.Module):
             self.model.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` float input, normalised (as the run's loaders serve it), or uint8
+        images (normalised first, :meth:`normalize`) -> ``(B, feature_dim)``."""
+        if x.dtype == torch.uint8:
+            x = self.normalize(x)
         if self.kind == "cnn":
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Token sequence after the final norm (ViTs only)."""
+        """Token sequence after the final norm (ViTs only); ``x`` as :meth:`forward` takes it."""
         if self.kind != "vit":
             raise TypeError(f"backbone {self.name} is a CNN and has no tokens")
+        if x.dtype == torch.uint8:
+            x = self.normalize(x)
         return self.model.forward_features(x)
 
-    def transform(self, train: bool, augment: Augment = DEFAULT_AUGMENT):
+    def transform(self, train: bool, augment: Augment = DEFAULT_AUGMENT, on_device: bool = False):
         """The torchvision transform for this backbone (:mod:`ptcl.backbones.transforms`):
-        evaluation, or training with ``augment``."""
-        return train_transform(self.preprocess, augment) if train else eval_transform(self.preprocess)
+        evaluation, or training with ``augment``. It ends at normalised float32 CHW tensors,
+        or with ``on_device`` at uint8 ones that :meth:`normalize` finishes (on a batch, on
+        the device; the run's loaders do, :mod:`ptcl.data.loading`)."""
+        if train:
+            return train_transform(self.preprocess, augment, on_device)
+        return eval_transform(self.preprocess, on_device)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``(B, 3, H, W)`` -> the float32 input of :meth:`forward`, equal bit
+        for bit to :meth:`transform`'s ``ToTensor`` + ``Normalize``
+        (:func:`~ptcl.backbones.transforms.normalize_batch`)."""
+        return normalize_batch(x, self.preprocess)
 
     def fingerprint(self) -> str:
         """Hash of the pre-trained weights and input geometry (computed once, at build).

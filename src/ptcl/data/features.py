@@ -18,11 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ptcl import dist
+from ptcl.backbones.transforms import Preprocess
+from ptcl.data.loading import DeviceLoader, InputTimer, loader_workers, split_text, timed
 from ptcl.io import atomic_save_tensors, load_tensors
 from ptcl.paths import cache_dir
+from ptcl.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +63,16 @@ class FeatureCache:
         """Features for ``parts``: read from disk, or computed by ``compute()`` and stored."""
         key = cache_key(parts)
         p = self.path(key)
-        if self.enabled and p.is_file():
+        if self.enabled and dist.broadcast_object(p.is_file()):  # torchrun: rank 0's answer for all
+            feats = None
             try:
                 feats = load_tensors(p)["features"]
+            except Exception as e:  # a damaged entry is recomputed, never trusted
+                log.warning("feature cache entry %s unreadable (%s); recomputing", p, e)
+            if dist.all_true(feats is not None):  # every rank read it, or every rank computes
                 self.hits += 1
                 log.info("feature cache hit %s (%s)", key, parts.get("split"))
                 return feats
-            except Exception as e:  # a damaged entry is recomputed, never trusted
-                log.warning("feature cache entry %s unreadable (%s); recomputing", p, e)
         self.misses += 1
         t0 = time.perf_counter()
         feats = compute()
@@ -89,16 +95,34 @@ def extract_features(
     device: torch.device | str = "cpu",
     desc: str = "features",
     quiet: bool = False,
+    precision: str = "fp32",
+    preprocess: Preprocess | None = None,
+    timer: InputTimer | None = None,
 ) -> torch.Tensor:
-    """Run ``forward`` over ``dataset`` (yielding ``(x, y)``) and stack the outputs on CPU.
+    """Run ``forward`` over ``dataset`` (yielding ``(x, y)``) and stack the outputs on CPU
+    as float32 (``(N, D)``); ``precision="bf16"`` runs ``forward`` under bf16 autocast
+    (:mod:`ptcl.precision`).
 
     The loader has its own generator, so iterating it draws nothing from the global one.
+    Under torchrun each rank runs ``forward`` on its own run of whole batches
+    (:func:`ptcl.dist.shard_dataset`) and every rank gets all ``N`` rows in the original
+    order (:func:`ptcl.dist.gather_rows`): the same tensor as one process computes.
+    uint8 image batches are normalised on ``device`` with ``preprocess`` (default:
+    ``forward.preprocess``, a :class:`~ptcl.backbones.base.Backbone`'s; see
+    :mod:`ptcl.data.loading`). Logs the seconds spent waiting for batches vs computing, and
+    adds them to ``timer``.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))
-    out = []
-    for x, _ in tqdm(loader, desc=desc, disable=quiet, leave=False, unit="batch"):
-        out.append(forward(x.to(device, non_blocking=True)).float().cpu())
-    if not out:
-        return torch.empty(0)
-    return torch.cat(out)
+    loader = DeviceLoader(dist.shard_dataset(dataset, batch_size), device=device, preprocess=preprocess or getattr(forward, "preprocess", None),
+                          batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0),
+                          num_workers=loader_workers(num_workers, len(dataset)))  # type: ignore[arg-type]
+    out, wait, t0 = [], [0.0], time.perf_counter()
+    for x, _ in timed(tqdm(loader, desc=desc, disable=quiet, leave=False, unit="batch"), wait):
+        with autocast(device, precision):
+            feats = forward(x.to(device, non_blocking=True))
+        out.append(feats.float().cpu())
+    compute = time.perf_counter() - t0 - wait[0]
+    log.info("%s: %d images, %d workers, %s", desc, len(dataset), loader.num_workers,  # type: ignore[arg-type]
+             split_text(wait[0], compute))
+    if timer is not None:
+        timer.add(wait[0], compute)
+    return dist.gather_rows(torch.cat(out) if out else torch.empty(0))  # torchrun: every rank's rows, in order

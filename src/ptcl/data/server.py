@@ -13,8 +13,10 @@ from ptcl.backbones.base import Backbone
 from ptcl.backbones.transforms import DEFAULT_AUGMENT, Augment
 from ptcl.data.base import DatasetSplits, ImageSet
 from ptcl.data.features import FeatureCache, extract_features
+from ptcl.data.loading import DeviceLoader, InputTimer, loader_workers, resolve_num_workers
 from ptcl.data.scenario import Scenario, subset_per_class
 from ptcl.errors import DataError
+from ptcl.precision import cache_parts, check_precision
 from ptcl.seeding import SeededItems, SeededSampler, isolated_rng
 
 SPLITS = ("train", "test")
@@ -79,8 +81,19 @@ class DataManager:
     ``test_per_class``, drawn with ``subset_seed``, default ``seed``) and labels remapped
     by the scenario's class order.
     Frozen features of the whole selected split are computed once (one backbone pass)
-    and cached on disk; learners then slice them by task.
+    and cached on disk; learners then slice them by task. ``precision`` (``fp32`` or
+    ``bf16``, :mod:`ptcl.precision`) is that of the extraction's forwards; the features are
+    stored as float32 either way, under keys that differ by precision.
+
+    Images are decoded, cropped and resized in ``num_workers`` loader processes (an integer,
+    or ``"auto"``: :func:`~ptcl.data.loading.resolve_num_workers`) into uint8 tensors and
+    normalised on ``device`` (:class:`~ptcl.data.loading.DeviceLoader`).
     """
+
+    on_device: bool = True
+    """Serve uint8 images normalised on the device (bit-identical to the float transform;
+    ``False``: ``ToTensor`` + ``Normalize`` per image in the loader, the path before issue 14,
+    kept for ``benchmarks/bench_input_pipeline.py``)."""
 
     def __init__(
         self,
@@ -92,13 +105,16 @@ class DataManager:
         cache: FeatureCache,
         device: torch.device,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         quiet: bool = False,
         subset_seed: int | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.splits, self.scenario, self.seed = splits, scenario, seed
         self.backbone, self.cache, self.device = backbone, cache, device
-        self.batch_size, self.num_workers, self.quiet = batch_size, num_workers, quiet
+        self.batch_size, self.num_workers, self.quiet = batch_size, resolve_num_workers(num_workers), quiet
+        self.timer = InputTimer()  # data wait vs compute of this task's fits and extractions (ptcl.data.loading)
+        self.precision = check_precision(precision)  # of feature extraction (ptcl.precision)
         lm = scenario.label_map
         self.index: dict[str, np.ndarray] = {}
         self.label: dict[str, np.ndarray] = {}
@@ -124,8 +140,10 @@ class DataManager:
 
     def images_at(self, split: str, positions: np.ndarray, train_transform: bool = False) -> TaskImages:
         """The samples at ``positions`` (within the selected subset of ``split``, as
-        :meth:`positions` returns them, e.g. an exemplar memory's) with their remapped labels."""
-        tf = self.backbone.transform(train=train_transform, augment=self.augment)
+        :meth:`positions` returns them, e.g. an exemplar memory's) with their remapped labels.
+        Items are ``(uint8 (3, H, W) image, label)``, served for :meth:`loader` to normalise on
+        the device (:attr:`on_device`; :meth:`Backbone.normalize` does it for a batch by hand)."""
+        tf = self.backbone.transform(train=train_transform, augment=self.augment, on_device=self.on_device)
         return TaskImages(self.imageset(split), self.index[split][positions], self.label[split][positions], tf,
                           train_transform and self.augment.random)
 
@@ -165,8 +183,10 @@ class DataManager:
             "split": split,
             "transform": repr(self.backbone.transform(train=False)),
             "subset": self.index[split],
+            **cache_parts(self.precision),  # nothing for fp32: its keys stay as they were
         }
-        ds = TaskImages(self.imageset(split), self.index[split], self.label[split], self.backbone.transform(False))
+        ds = TaskImages(self.imageset(split), self.index[split], self.label[split],
+                        self.backbone.transform(False, on_device=self.on_device))
 
         def compute() -> torch.Tensor:
             was_training = forward.training
@@ -175,7 +195,8 @@ class DataManager:
                 with isolated_rng():  # a cache miss must not advance the learner's random stream
                     return extract_features(
                         forward, ds, self.batch_size, self.num_workers, self.device,
-                        desc=f"features[{split}]", quiet=self.quiet,
+                        desc=f"features[{split}]", quiet=self.quiet, precision=self.precision,
+                        preprocess=self.backbone.preprocess, timer=self.timer,
                     )
             finally:
                 forward.train(was_training)
@@ -187,22 +208,34 @@ class DataManager:
         pos = self.positions(split, classes)
         return self.frozen_features(split)[torch.from_numpy(pos)], torch.from_numpy(self.label[split][pos])
 
-    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+               shard: bool = True) -> DataLoader:
         """A DataLoader whose randomness comes from ``run seed + seed`` only.
 
         The order is drawn from its own generator. A dataset with random augmentation
         (``dataset.augmented``) is served through :class:`~ptcl.seeding.SeededSampler`: each
         item carries a seed from the same generator and is transformed with it, so the
         augmentation neither reads nor advances the global generators and is the same for
-        any ``num_workers``.
+        any ``num_workers``. Batches arrive with their images on :attr:`device`, normalised
+        (:class:`~ptcl.data.loading.DeviceLoader`); the loader carries the run's
+        :attr:`timer` for :func:`~ptcl.train.loop.fit`.
+
+        Under torchrun (several ranks) each rank serves its slice of every batch of the
+        single-process order (:func:`ptcl.dist.loader_kwargs`): the training loaders, whose
+        gradients :func:`~ptcl.train.loop.fit` averages. ``shard=False`` serves every rank
+        the whole data (statistics a method computes itself from a loader).
         """
         g = torch.Generator().manual_seed(self.seed + seed)
+        served = {"device": self.device, "preprocess": self.backbone.preprocess,
+                  "num_workers": loader_workers(self.num_workers, len(dataset))}  # type: ignore[arg-type]
         if getattr(dataset, "augmented", False):
-            return DataLoader(
-                SeededItems(dataset), batch_size=batch_size, sampler=SeededSampler(dataset, shuffle, g),
-                num_workers=self.num_workers, drop_last=drop_last, generator=g,
+            loader = DeviceLoader(
+                SeededItems(dataset), generator=g, **served,
+                **dist.loader_kwargs(len(dataset), batch_size, drop_last, sampler=SeededSampler(dataset, shuffle, g),
+                                     shard_=shard),
             )
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, generator=g,
-            num_workers=self.num_workers, drop_last=drop_last,
-        )
+        else:
+            loader = DeviceLoader(dataset, generator=g, **served,
+                                  **dist.loader_kwargs(len(dataset), batch_size, drop_last, shuffle, shard_=shard))
+        loader.timer = self.timer  # fit adds its data wait / compute split (ptcl.train.loop)
+        return loader

@@ -18,16 +18,24 @@ How the test samples are cut into batches is the learner's to say, through two m
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ptcl import dist
+from ptcl.data.loading import DeviceLoader, loader_workers, split_text, timed, timer_of
 from ptcl.data.scenario import Task
 from ptcl.errors import TrainingDiverged
-from ptcl.methods.base import Learner
+from ptcl.methods.base import FEATURES, Learner
+from ptcl.precision import autocast
 from ptcl.seeding import isolated_rng
 from ptcl.train.loop import to_device
+
+log = logging.getLogger(__name__)
 
 
 def eval_dataset(learner: Learner, classes: range) -> Dataset:
@@ -57,10 +65,20 @@ def eval_batches(learner: Learner, classes: range, batch_size: int, n: int) -> l
     return batches
 
 
-@torch.no_grad()
+def eval_precision(learner: Learner) -> str:
+    """The precision ``learner.predict`` runs in (:mod:`ptcl.precision`): the run's
+    (``learner.ctx.precision``) where it takes images (a network forward), float32 where it
+    takes cached features (its head: prototypes, ridge, statistics, kept in float32)."""
+    return "fp32" if learner.inputs is FEATURES else learner.ctx.precision
+
+
+@torch.inference_mode()  # no predict needs autograd; tests/test_methods_registry.py evaluates every method
 def predict_seen(learner: Learner, task: Task, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 predictions and remapped labels for every test sample of classes ``< task.end``,
-    in the order the learner's :func:`eval_batches` serves them (``(N,)`` each).
+    in the order the learner's :func:`eval_batches` serves them (``(N,)`` each). Runs under
+    ``torch.inference_mode`` and in :func:`eval_precision`. Logs this evaluation's data wait
+    vs compute and the task's total (its fits and feature extractions too,
+    :class:`~ptcl.data.loading.InputTimer`), and resets that total.
 
     Runs with the global random generators isolated: evaluating (and the feature-cache
     misses it may cause) never changes what the learner draws afterwards.
@@ -74,11 +92,16 @@ def _predict_seen(learner: Learner, task: Task, batch_size: int) -> tuple[np.nda
     classes = range(0, task.end)
     ds = eval_dataset(learner, classes)
     learner.eval()
+    precision = eval_precision(learner)
     preds, labels = [], []
-    loader = DataLoader(ds, batch_sampler=eval_batches(learner, classes, batch_size, len(ds)),
-                        num_workers=data.num_workers)
-    for xb, yb in tqdm(loader, desc=f"eval {task.index}", disable=learner.ctx.quiet, leave=False):
-        logits = learner.predict(to_device(xb, learner.device))
+    served = getattr(data, "backbone", None)  # images arrive uint8, normalised on the device (ptcl.data.loading)
+    loader = DeviceLoader(ds, batch_sampler=dist.shard_list(eval_batches(learner, classes, batch_size, len(ds))),
+                          num_workers=loader_workers(data.num_workers, len(ds)), device=learner.device,
+                          preprocess=getattr(served, "preprocess", None))
+    wait, t0 = [0.0], time.perf_counter()
+    for xb, yb in timed(tqdm(loader, desc=f"eval {task.index}", disable=learner.ctx.quiet, leave=False), wait):
+        with autocast(learner.device, precision):
+            logits = learner.predict(to_device(xb, learner.device))
         extra_ok = learner.scores_unseen_classes and task.end < logits.shape[1] <= learner.ctx.scenario.num_classes
         if logits.shape[1] != task.end and not extra_ok:
             raise RuntimeError(f"{type(learner).__name__}.predict returned {logits.shape[1]} logits, expected {task.end}")
@@ -91,4 +114,12 @@ def _predict_seen(learner: Learner, task: Task, batch_size: int) -> tuple[np.nda
             )
         preds.append(logits.argmax(1).cpu())
         labels.append(torch.as_tensor(yb))
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    compute = time.perf_counter() - t0 - wait[0]
+    log.info("eval %d: %d samples, %d workers, %s", task.index, len(ds), loader.num_workers,
+             split_text(wait[0], compute))
+    if (timer := timer_of(data)) is not None:  # the task's total: its fits, extractions, this evaluation
+        timer.add(wait[0], compute)
+        log.info("task %d input pipeline: %s", task.index, split_text(*timer.take()))
+    # torchrun: each rank predicted a run of whole batches; every rank gets all, in order
+    return tuple(dist.gather_rows(torch.cat(t) if t else torch.empty(0, dtype=torch.long)).numpy()
+                 for t in (preds, labels))

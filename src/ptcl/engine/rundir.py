@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 from safetensors import SafetensorError, safe_open
 
+from ptcl import dist
 from ptcl.config import yaml_load
 from ptcl.engine.checkpoint import checkpoint_path, load_checkpoint
 from ptcl.errors import ConfigError, PtclError
@@ -136,7 +137,10 @@ class RunFolder:
     # -- locking --------------------------------------------------------------------------
     def lock(self) -> None:
         """Hold the folder for this process; raises :class:`RunFolderBusy` if another has it.
-        Also removes leftovers of interrupted writes (they cannot belong to a live writer)."""
+        Also removes leftovers of interrupted writes (they cannot belong to a live writer).
+        Under torchrun only rank 0 writes, so only rank 0 takes the lock (the others no-op)."""
+        if not dist.is_main():
+            return
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX

@@ -3,8 +3,9 @@
 Everything that can fail on user input (config, output folder, cache folder, dataset,
 split, backbone, method options against the stream) happens before the run folder is
 written. After every finished task the checkpoint, then ``metrics.json`` (with all rows so
-far) and the plot are written atomically, so a killed run loses nothing that finished and
-``run(resume=RUN_DIR)`` continues after the last finished task. Tasks are numbered from 0
+far) are written atomically, so a killed run loses nothing that finished and
+``run(resume=RUN_DIR)`` continues after the last finished task; the plot
+(``accuracy.png``) is drawn once, when the run ends or stops. Tasks are numbered from 0
 everywhere (logs, tables, ``metrics.json``, plots).
 """
 
@@ -38,9 +39,11 @@ from ptcl.methods.base import LearnerContext
 from ptcl.metrics import accuracy, accuracy_row, old_new_accuracy
 from ptcl.paths import cache_dir
 from ptcl.registry import METHODS
-from ptcl.report.plots import plot_run
+from ptcl.report.loggers import RunLoggers
+from ptcl.report.plots import try_plot_run
 from ptcl.report.results import summarize, task_table
 from ptcl.seeding import isolated_rng, seed_everything, task_seed
+from ptcl.train.callbacks import EpochEnd
 
 log = logging.getLogger("ptcl")
 
@@ -76,6 +79,7 @@ def _saved(done: int) -> str:
     return "task 0 is saved" if done == 1 else f"tasks 0-{done - 1} are saved"
 
 
+@dist.process_group  # torchrun (WORLD_SIZE > 1): the process group lives as long as the run
 def run(
     config: RunConfig | dict | str | Path | None = None,
     overrides: list[str] | None = None,
@@ -100,7 +104,7 @@ def run(
     config, busy or damaged run folder, changed dataset on resume, diverged training, full
     disk) and :class:`~ptcl.errors.RunInterrupted` on Ctrl-C, each with one-line messages.
     """
-    dist.check_single_process()
+    quiet = quiet or not dist.is_main()  # torchrun: rank 0 alone shows progress
     if max_tasks is not None and max_tasks < 1:
         raise ConfigError(f"--max-tasks must be >= 1, got {max_tasks}")
     if from_task is not None and resume is None:
@@ -122,7 +126,8 @@ def run(
             raise
     else:
         cfg = resolve_config(config, overrides)
-        folder = RunFolder(check_out_dir(out) if out is not None else default_run_dir(cfg))
+        # torchrun: one folder for all ranks (the default one is timestamped on rank 0)
+        folder = RunFolder(check_out_dir(out) if out is not None else dist.broadcast_object(default_run_dir(cfg)))
         if folder.config.exists():
             raise ConfigError(
                 f"run folder {folder.path} already holds a run; continue it with "
@@ -143,7 +148,9 @@ def _run(
     cache = cache or FeatureCache(cache_dir("features"))
     for leftovers in (cache.root, cache_dir("extracted")):  # of killed writers (processes gone)
         remove_stale_tmp(leftovers)
-    with isolated_rng():  # loading data and weights never shifts the run's random stream
+    # loading data and weights never shifts the run's random stream; under torchrun rank 0
+    # fills the caches (extracted archive, converted weights) before the others read them
+    with isolated_rng(), dist.main_first():
         splits = load_dataset(cfg.dataset)
         scenario = Scenario.build(splits.num_classes, cfg.scenario.init_cls, cfg.scenario.increment,
                                   cfg.seed, cfg.scenario.shuffle)
@@ -151,14 +158,14 @@ def _run(
     data = DataManager(
         splits, scenario, {"train": cfg.dataset.train_per_class, "test": cfg.dataset.test_per_class},
         cfg.seed, backbone, cache, device, cfg.eval_batch_size, cfg.num_workers, quiet,
-        subset_seed=cfg.dataset.subset_seed,
+        subset_seed=cfg.dataset.subset_seed, precision=cfg.precision,
     )
     if isinstance(cfg.method, TrainConfig):
         m = cfg.method
         data.augment = Augment(m.augment, (m.crop_scale[0], m.crop_scale[1]), m.brightness, m.interpolation)
     seed_everything(cfg.seed)
     ctx = LearnerContext(data=data, scenario=scenario, device=device, seed=cfg.seed, quiet=quiet,
-                         class_names=scenario.by_label(splits.class_names))
+                         class_names=scenario.by_label(splits.class_names), precision=cfg.precision)
     learner = METHODS.get(cfg.method.name)(cfg.method, backbone, ctx).to(device)
     stream = stream_identity(splits, scenario, data.index)
     memory = TaskMemory(device)
@@ -177,6 +184,7 @@ def _run(
         "test_samples": int(len(data.index["test"])),
         "dataset_fingerprint": stream["dataset_fingerprint"],
         "device": str(device),
+        **({"world_size": dist.world_size()} if dist.world_size() > 1 else {}),  # torchrun ranks (rank 0's device)
         "peak_memory_kind": memory.kind(),
         "eval_protocol": eval_protocol(learner),  # per_image, or how test batches leak task identity
     }
@@ -185,7 +193,7 @@ def _run(
     if resuming:
         folder.check_stream(stream)
         rows = folder.rows_to_resume(folder.read_rows([t.end for t in scenario.tasks]), from_task)
-    else:
+    elif dist.is_main():  # torchrun: rank 0 alone writes the run folder
         created = not folder.path.exists()
         folder.lock()
         if folder.config.exists():  # another process finished a run here meanwhile
@@ -199,7 +207,7 @@ def _run(
             raise ResultsWriteError(f"cannot write the run folder {folder.path}: {e}") from None
 
     # ---- the run
-    handler = _RunLog(folder.path / "run.log")
+    handler = _RunLog(folder.path / "run.log") if dist.is_main() else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
     start = len(rows)
@@ -208,6 +216,10 @@ def _run(
              scenario.num_tasks - 1, f"; resuming after task {start - 1}" if start else "")
     metrics = summarize(header, rows)
     task_index = start
+    loggers = RunLoggers(cfg.loggers, folder.path / "logs", scenario.num_tasks, start)  # rank 0 only
+    if loggers.loggers:
+        ctx.callbacks.append(EpochEnd(lambda s, lr, sec: loggers.epoch(s.desc, s.epoch + 1, s.epochs,
+                                                                       s.epoch_loss, lr, sec)))
     try:
         for task in scenario.tasks:
             task_index = task.index
@@ -219,21 +231,27 @@ def _run(
                 continue
             if max_tasks is not None and len(rows) >= max_tasks:
                 break
+            loggers.start_task(task.index)
             rows.append(_train_and_evaluate(learner, task, scenario, data, memory, cfg))
             header["peak_memory_kind"] = memory.kind()  # known once a task has measured it
             metrics = summarize(header, rows)
-            _save_task(folder, task.index, learner, cfg, metrics)
+            if dist.is_main():
+                _save_task(folder, task.index, learner, cfg, metrics)
+            loggers.task_done(rows[-1], metrics)
             r = rows[-1]
             log.info("task %d done (tasks 0-%d): %d classes seen, accuracy %.2f%% (%.1f s)",
                      task.index, scenario.num_tasks - 1, task.end, r["accuracy"], r["time_s"])
     except BaseException as e:
+        loggers.close()
         log.removeHandler(handler)
         handler.close()
         if isinstance(e, ResumeError):  # raised before anything was written: says it all
             raise
         kept = _saved_rows(folder)
+        if kept and dist.is_main():  # the plot of the saved tasks (drawn once, not per task)
+            try_plot_run(folder.metrics, folder.path / "accuracy.png")
         removed = kept == 0 and not resuming
-        if removed:  # nothing finished: leave no half-written folder
+        if removed and dist.is_main():  # nothing finished: leave no half-written folder
             _remove_run_files(folder, created)
         where = (f"nothing had finished, so the run folder {folder.path} was removed" if removed and created
                  else f"nothing had finished, so the run's files in {folder.path} were removed" if removed
@@ -241,13 +259,20 @@ def _run(
                  else f"no task is saved in {folder.path}")
         resume_hint = "" if removed else f"; continue with `ptcl run --resume {folder.path}`"
         when = f"after task {kept - 1}" if kept > task_index else f"during task {task_index}"
+        e = dist.collective_failure(e) or e  # torchrun: another rank died, was killed or timed out
         if isinstance(e, KeyboardInterrupt):
-            raise RunInterrupted(f"interrupted {when}; {where}{resume_hint}") from None
+            how = "stopped by SIGTERM (torchrun stops all ranks when one fails)" if isinstance(
+                e, dist.Terminated) else "interrupted"
+            raise RunInterrupted(f"{how} {when}; {where}{resume_hint}") from None
         if isinstance(e, ResultsWriteError):
             raise ResultsWriteError(f"{e}; {where}; free space (or fix the folder){resume_hint}") from None
         if isinstance(e, PtclError):
-            raise type(e)(f"task {task_index}: {one_line(e)}; {where}") from None
+            hint = resume_hint if isinstance(e, dist.DistributedError) else ""
+            raise type(e)(f"task {task_index}: {one_line(e)}; {where}{hint}") from None
         raise
+    loggers.close()
+    if rows and dist.is_main():
+        try_plot_run(metrics, folder.path / "accuracy.png")
     log.info("results:\n%s", task_table(metrics), extra=FILE_ONLY)
     log.removeHandler(handler)
     handler.close()
@@ -281,12 +306,12 @@ def _train_and_evaluate(learner, task, scenario, data, memory: TaskMemory, cfg: 
 
 
 def _save_task(folder: RunFolder, index: int, learner, cfg: RunConfig, metrics: dict) -> None:
-    """Checkpoint, then metrics, then plot; a write failure becomes one line."""
+    """Checkpoint, then metrics; a write failure becomes one line. (The plot is drawn once,
+    when the run ends or stops.)"""
     with isolated_rng():
         try:
             save_checkpoint(folder.path, index, learner, {"method": cfg.method.name})
             atomic_write_json(folder.metrics, metrics)
-            plot_run(metrics, folder.path / "accuracy.png")
             if not cfg.keep_all_checkpoints:  # only after metrics.json
                 for t in range(index):
                     folder.checkpoint(t).unlink(missing_ok=True)
@@ -304,6 +329,7 @@ def _remove_run_files(folder: RunFolder, created: bool) -> None:
     for name in ("config.yaml", "stream.json", "metrics.json", "run.log", "accuracy.png", ".lock"):
         (folder.path / name).unlink(missing_ok=True)
     shutil.rmtree(folder.path / "checkpoints", ignore_errors=True)
+    shutil.rmtree(folder.path / "logs", ignore_errors=True)
 
 
 def _saved_rows(folder: RunFolder) -> int:

@@ -104,6 +104,11 @@ class LearnerContext:
     seed: int
     quiet: bool = False
     class_names: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    """Of the training steps and the image-input evaluation (:mod:`ptcl.precision`)."""
+    callbacks: list[Callback] = field(default_factory=list)
+    """Run-level train-loop callbacks (the run's loggers): :meth:`Learner.fit` runs them in
+    every fit, after the method's own."""
 
     def __post_init__(self) -> None:
         splits = getattr(self.data, "splits", None)
@@ -206,7 +211,8 @@ class Learner(nn.Module):
         cfg = cfg or self.cfg  # type: ignore[assignment]
         loader = self.ctx.data.loader(dataset, cfg.batch_size, shuffle=getattr(cfg, "shuffle", True), seed=seed,
                                       drop_last=drop_last)
-        return fit(self, loader, step, params, cfg, self.device, epochs, desc, self.ctx.quiet, callbacks)
+        return fit(self, loader, step, params, cfg, self.device, epochs, desc, self.ctx.quiet,
+                   [*callbacks, *self.ctx.callbacks], precision=self.ctx.precision)
 
     # -- checkpointing --------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, torch.Tensor]:

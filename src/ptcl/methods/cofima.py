@@ -279,7 +279,8 @@ class CoFiMA(SLCA):
         augmentation, shuffled, in batches of ``batch_size`` (official: the training loader)."""
         data = self.ctx.data
         ds = data.images("train", task.classes, train_transform=True)
-        return data.loader(ds, self.cfg.batch_size, shuffle=True, seed=100 * task.index + 98)
+        # shard=False: under torchrun every rank estimates the Fisher on all batches (the same F_t)
+        return data.loader(ds, self.cfg.batch_size, shuffle=True, seed=100 * task.index + 98, shard=False)
 
     def fisher_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Batch-mean cross-entropy over all seen classes (the heads as trained, global labels)."""

@@ -342,7 +342,8 @@ class ESN(Learner):
         data = self.ctx.data
         self.to(self.device)
         self.eval()
-        loader = data.loader(data.images("train", task.classes, train_transform=False), data.batch_size, shuffle=False)
+        loader = data.loader(data.images("train", task.classes, train_transform=False), data.batch_size, shuffle=False,
+                             shard=False)  # torchrun: every rank selects on all images (same temperature)
         per_batch = [self.expert_logits(self.tokens(x.to(self.device))) for x, _ in loader]
         logits = [torch.cat(parts) for parts in zip(*per_batch)]
         acc = separation_accuracy(logits, task.index, cfg.temperatures)

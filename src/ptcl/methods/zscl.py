@@ -467,7 +467,7 @@ class ZSCL(Learner):
             p.requires_grad_(True)
         try:
             fit(self, steps, step, list(params.values()), fit_cfg, self.device, 1, f"task {task.index}",
-                self.ctx.quiet, callbacks)
+                self.ctx.quiet, [*callbacks, *self.ctx.callbacks], precision=self.ctx.precision)
         finally:
             self.backbone.requires_grad_(False)
         if ensemble is not None:

@@ -17,6 +17,7 @@ inside its loss. Each hook gets the loop's :class:`LoopState`. When each fires:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ class LoopState:
     optimizer: torch.optim.Optimizer
     loss: float = float("nan")  # the current step's loss
     epoch_loss: float = float("nan")  # mean loss of the finished epoch
+    desc: str = ""  # the fit's description (``fit(desc=...)``, e.g. ``task 1``)
 
 
 class Callback:
@@ -51,6 +53,25 @@ class Callback:
 
     def on_epoch_end(self, state: LoopState) -> None:
         pass
+
+
+class EpochEnd(Callback):
+    """``fn(state, lr, seconds)`` after every epoch: ``lr`` is the first parameter group's
+    learning rate when the epoch started (a per-epoch schedule's lr for the whole epoch, a
+    per-step schedule's first), ``seconds`` the epoch's wall time (its first batch's wait
+    for data included). The run's loggers watch training with it
+    (:class:`ptcl.report.loggers.RunLoggers`)."""
+
+    def __init__(self, fn: Callable[[LoopState, float, float], None]) -> None:
+        self.fn = fn
+        self._lr, self._t0 = float("nan"), 0.0
+
+    def on_epoch_start(self, state: LoopState) -> None:
+        self._lr = float(state.optimizer.param_groups[0]["lr"])
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, state: LoopState) -> None:
+        self.fn(state, self._lr, time.perf_counter() - self._t0)
 
 
 class AfterStep(Callback):
