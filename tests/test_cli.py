@@ -117,3 +117,17 @@ def test_console_script_exit_code(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("ptcl: error: unknown method 'nope'")
     assert "Traceback" not in p.stderr
+
+
+def test_overrides_may_follow_options():
+    """``key=value`` after ``--out``/``-o`` joins the overrides; other leftovers stay errors."""
+    from ptcl.cli import _parse
+
+    a = _parse(["run", "cfg.yaml", "seed=1", "--out", "x", "method.lr=0.1"])
+    assert a.args == ["cfg.yaml", "seed=1", "method.lr=0.1"] and a.out == "x"
+    b = _parse(["import-pilot", "p.json", "-o", "o.yaml", "dataset.root=d"])
+    assert b.overrides == ["dataset.root=d"] and b.output == "o.yaml"
+    with pytest.raises(SystemExit):
+        _parse(["run", "cfg.yaml", "--out", "x", "stray"])
+    with pytest.raises(SystemExit):
+        _parse(["list", "methods", "a=b"])

@@ -210,8 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may also come after the options
+    (``ptcl run CONFIG --out DIR lr=0.1``), which argparse alone refuses."""
+    parser = build_parser()
+    a, extra = parser.parse_known_args(argv)
+    target = {"run": "args", "import-pilot": "overrides"}.get(a.cmd)
+    late = [x for x in extra if target and not x.startswith("-") and "=" in x]
+    if len(late) != len(extra):
+        parser.error(f"unrecognized arguments: {' '.join(x for x in extra if x not in late)}")
+    if late:
+        setattr(a, target, [*getattr(a, target), *late])
+    return a
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    a = _parse(argv)
     _setup_logging(getattr(a, "quiet", False))
     try:
         return a.fn(a)
