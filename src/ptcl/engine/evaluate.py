@@ -73,9 +73,12 @@ def eval_precision(learner: Learner) -> str:
 
 
 @torch.inference_mode()  # no predict needs autograd; tests/test_methods_registry.py evaluates every method
-def predict_seen(learner: Learner, task: Task, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def predict_seen(learner: Learner, task: Task, batch_size: int = 256,
+                 variants: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-1 predictions and remapped labels for every test sample of classes ``< task.end``,
-    in the order the learner's :func:`eval_batches` serves them (``(N,)`` each). Runs under
+    in the order the learner's :func:`eval_batches` serves them (``(N,)`` each). A dict given
+    as ``variants`` receives the top-1 predictions ``(N,)`` of each of the learner's
+    :meth:`~ptcl.methods.base.Learner.prediction_variants`, on the same batches. Runs under
     ``torch.inference_mode`` and in :func:`eval_precision`. Logs this evaluation's data wait
     vs compute and the task's total (its fits and feature extractions too,
     :class:`~ptcl.data.loading.InputTimer`), and resets that total.
@@ -84,35 +87,47 @@ def predict_seen(learner: Learner, task: Task, batch_size: int = 256) -> tuple[n
     misses it may cause) never changes what the learner draws afterwards.
     """
     with isolated_rng():
-        return _predict_seen(learner, task, batch_size)
+        return _predict_seen(learner, task, batch_size, variants)
 
 
-def _predict_seen(learner: Learner, task: Task, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_logits(learner: Learner, task: Task, logits: torch.Tensor) -> None:
+    extra_ok = learner.scores_unseen_classes and task.end < logits.shape[1] <= learner.ctx.scenario.num_classes
+    if logits.shape[1] != task.end and not extra_ok:
+        raise RuntimeError(f"{type(learner).__name__}.predict returned {logits.shape[1]} logits, expected {task.end}")
+    bad = torch.isnan(logits) | torch.isposinf(logits)
+    if bool(bad.any()):
+        raise TrainingDiverged(
+            f"the learned model predicts NaN or +inf logits for {int(bad.any(1).sum())} of "
+            f"{len(logits)} test samples in a batch; its state is not finite (diverged "
+            "training: lower method.lr or set method.clip_grad)"
+        )
+
+
+def _predict_seen(learner: Learner, task: Task, batch_size: int,
+                  variants: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
     data = learner.ctx.data
     classes = range(0, task.end)
     ds = eval_dataset(learner, classes)
     learner.eval()
     precision = eval_precision(learner)
     preds, labels = [], []
+    others = learner.prediction_variants() if variants is not None else {}
+    other_preds: dict[str, list[torch.Tensor]] = {k: [] for k in others}
     served = getattr(data, "backbone", None)  # images arrive uint8, normalised on the device (ptcl.data.loading)
     loader = DeviceLoader(ds, batch_sampler=dist.shard_list(eval_batches(learner, classes, batch_size, len(ds))),
                           num_workers=loader_workers(data.num_workers, len(ds)), device=learner.device,
                           preprocess=getattr(served, "preprocess", None))
     wait, t0 = [0.0], time.perf_counter()
     for xb, yb in timed(tqdm(loader, desc=f"eval {task.index}", disable=learner.ctx.quiet, leave=False), wait):
+        xb = to_device(xb, learner.device)
         with autocast(learner.device, precision):
-            logits = learner.predict(to_device(xb, learner.device))
-        extra_ok = learner.scores_unseen_classes and task.end < logits.shape[1] <= learner.ctx.scenario.num_classes
-        if logits.shape[1] != task.end and not extra_ok:
-            raise RuntimeError(f"{type(learner).__name__}.predict returned {logits.shape[1]} logits, expected {task.end}")
-        bad = torch.isnan(logits) | torch.isposinf(logits)
-        if bool(bad.any()):
-            raise TrainingDiverged(
-                f"the learned model predicts NaN or +inf logits for {int(bad.any(1).sum())} of "
-                f"{len(logits)} test samples in a batch; its state is not finite (diverged "
-                "training: lower method.lr or set method.clip_grad)"
-            )
+            logits = learner.predict(xb)
+            other_logits = {k: fn(xb) for k, fn in others.items()}
+        for lg in (logits, *other_logits.values()):
+            _check_logits(learner, task, lg)
         preds.append(logits.argmax(1).cpu())
+        for k, lg in other_logits.items():
+            other_preds[k].append(lg.argmax(1).cpu())
         labels.append(torch.as_tensor(yb))
     compute = time.perf_counter() - t0 - wait[0]
     log.info("eval %d: %d samples, %d workers, %s", task.index, len(ds), loader.num_workers,
@@ -121,5 +136,7 @@ def _predict_seen(learner: Learner, task: Task, batch_size: int) -> tuple[np.nda
         timer.add(wait[0], compute)
         log.info("task %d input pipeline: %s", task.index, split_text(*timer.take()))
     # torchrun: each rank predicted a run of whole batches; every rank gets all, in order
+    for k, p in other_preds.items():
+        variants[k] = dist.gather_rows(torch.cat(p) if p else torch.empty(0, dtype=torch.long)).numpy()  # type: ignore[index]
     return tuple(dist.gather_rows(torch.cat(t) if t else torch.empty(0, dtype=torch.long)).numpy()
                  for t in (preds, labels))

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors import SafetensorError
 
 from ptcl import dist
@@ -286,10 +287,14 @@ def _train_and_evaluate(learner, task, scenario, data, memory: TaskMemory, cfg: 
     learner.train_task(task)
     learner.after_task(task)
     e0 = time.perf_counter()
-    pred, y = predict_seen(learner, task, cfg.eval_batch_size)
+    variants: dict[str, np.ndarray] = {}
+    pred, y = predict_seen(learner, task, cfg.eval_batch_size, variants)
     eval_s = time.perf_counter() - e0
     old, new = old_new_accuracy(pred, y, task.start)
     bounds = [0] + [t.end for t in scenario.tasks[: task.index + 1]]
+    extra = {}
+    if variants:  # the learner's other classifiers (iCaRL's CNN beside its NME)
+        extra["variants"] = {k: _accuracies(p, y, task, bounds, scenario.num_tasks) for k, p in variants.items()}
     return {
         "task": task.index,
         "seen_classes": task.end,
@@ -302,7 +307,14 @@ def _train_and_evaluate(learner, task, scenario, data, memory: TaskMemory, cfg: 
         "peak_memory_mb": memory.peak_mb(),
         "eval_s": eval_s,
         "inference": {**learner.inference_cost(), "test_images": len(y)},
+        **extra,
     }
+
+
+def _accuracies(pred: np.ndarray, y: np.ndarray, task, bounds: list[int], num_tasks: int) -> dict:
+    old, new = old_new_accuracy(pred, y, task.start)
+    return {"accuracy": accuracy(pred, y), "accuracy_row": accuracy_row(pred, y, bounds, num_tasks),
+            "old_acc": old, "new_acc": new}
 
 
 def _save_task(folder: RunFolder, index: int, learner, cfg: RunConfig, metrics: dict) -> None:

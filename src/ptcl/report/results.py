@@ -80,8 +80,23 @@ def summarize(header: dict, rows: list[dict]) -> dict:
         "peak_memory_mb": max((r["peak_memory_mb"] for r in rows), default=None),
         "inference_per_task": [r.get("inference") for r in rows],
         "definitions": _definitions(header.get("eval_protocol", PER_IMAGE)),
+        **_variants(rows),
         "rows": rows,
     }
+
+
+def _variants(rows: list[dict]) -> dict:
+    """``variants``: per other classifier of the learner (``rows[i]["variants"]``, e.g.
+    iCaRL's CNN beside its NME), its accuracy per task, average and last accuracy."""
+    names = list(dict.fromkeys(k for r in rows for k in r.get("variants", {})))
+    if not names:
+        return {}
+    out = {}
+    for k in names:
+        acc = [r["variants"][k]["accuracy"] for r in rows if k in r.get("variants", {})]
+        out[k] = {"accuracy_per_task": acc, "avg_acc": M.average_incremental_accuracy(acc),
+                  "last_acc": M.last_accuracy(acc)}
+    return {"variants": out}
 
 
 def _definitions(protocol: str) -> dict[str, str]:
@@ -105,6 +120,8 @@ def task_table(m: dict) -> str:
     )
     lines.append("forgetting: Chaudhry et al. (best accuracy before the last task); "
                  "forgetting_pilot: LAMDA-PILOT's (the last task included, never negative)")
+    for k, v in m.get("variants", {}).items():
+        lines.append(f"{k} classifier: avg_acc {_f(v['avg_acc'])}  last_acc {_f(v['last_acc'])}")
     protocol = m.get("eval_protocol")
     if protocol is not None and protocol != PER_IMAGE:
         lines.append(f"eval_protocol {protocol}: {PROTOCOLS.get(protocol, '(not described)')}")
