@@ -345,6 +345,12 @@ _SLCA_COMMON: dict[str, Handler] = {
     "lrate_decay": to("lr_decay"), "milestones": to("milestones"), "ca_epochs": to("ca_epochs"),
     "ca_with_logit_norm": to("ca_logit_norm"), "model_postfix": ignored(_LOGGING),
 }
+_REHEARSAL: dict[str, Handler] = {  # PILOT's rehearsal models: first-task (init_*) and later settings
+    "init_epoch": to("init_epochs"), "init_lr": to("init_lr"), "init_weight_decay": to("init_weight_decay"),
+    "init_milestones": to("init_milestones"), "init_lr_decay": to("init_lr_decay"),
+    "epochs": to("epochs"), "lrate": to("lr"), "weight_decay": to("weight_decay"), "milestones": to("milestones"),
+    "lrate_decay": to("lr_decay"), "batch_size": to("batch_size"), "T": to("T"),
+}
 
 
 @dataclass(frozen=True)
@@ -431,8 +437,26 @@ MODELS: dict[str, ModelSpec] = {
         "init_milestones": same_as("milestones", _effective_milestones), "init_lr_decay": same_as("lrate_decay")},
         {"method.scheduler": "multistep", "method.mask_old_logits": True}),
     # PILOT's rehearsal models: issue 15 adds them to ptcl under these names
-    "icarl": ModelSpec("icarl"), "der": ModelSpec("der"), "foster": ModelSpec("foster"),
-    "memo": ModelSpec("memo"), "coil": ModelSpec("coil"), "dgr": ModelSpec("dgr"), "duct": ModelSpec("duct"),
+    "icarl": ModelSpec("icarl", _REHEARSAL, {"method.loss": "ce_kd"}),
+    "der": ModelSpec("der", {k: v for k, v in _REHEARSAL.items() if k != "T"}, unused=("T",)),
+    "foster": ModelSpec("foster", {
+        "init_epochs": to("init_epochs"), "init_lr": to("init_lr"), "init_weight_decay": to("init_weight_decay"),
+        "boosting_epochs": to("epochs"), "compression_epochs": to("compression_epochs"), "lr": to("lr"),
+        "batch_size": to("batch_size"), "weight_decay": to("weight_decay"), "T": to("T"), "beta1": to("beta1"),
+        "beta2": to("beta2"), "oofc": to("oofc", {"ft": "ft", "az": "az"}), "lambda_okd": to("lambda_okd"),
+        "is_teacher_wa": to("is_teacher_wa"), "is_student_wa": to("is_student_wa"), "wa_value": to("wa_value"),
+        "num_workers": ignored("ptcl's loader workers are the top-level num_workers (auto)")}),
+    "memo": ModelSpec("memo", {
+        **_REHEARSAL, "scheduler": to("scheduler", _SCHEDULERS), "alpha_aux": to("alpha_aux"),
+        "train_base": to("train_base"), "train_adaptive": to("train_adaptive"),
+        "t_max": lambda imp, k, v, d: (imp.ignore(k, "used by PILOT only with scheduler cosine")
+                                       if str(d.get("scheduler", "")).lower() != "cosine" or v is None
+                                       else imp.reject(k, v, "ptcl's cosine spans the task's epochs")),
+        "debug": ignored("PILOT's debug switch (a few batches)"),
+        "skip": fixed(False, "trains the first task (no fine-tuned first-task checkpoint is loaded)")},
+        # PILOT's Specialized_Vit keeps its block in a new attribute that timm's npz loader does not fill
+        {"method.specialized_init": "random"}),
+    "coil": ModelSpec("coil"), "dgr": ModelSpec("dgr"), "duct": ModelSpec("duct"),
 }
 """PILOT ``model_name`` (``utils/factory.py get_model``) -> how it maps. A spec without a
 table (icarl, der, ...) names the ptcl method to come; until it is registered, importing
