@@ -214,3 +214,26 @@ def test_memory_survives_kill_9_and_resume_bit_identically(tmp_path):
     # the memory changed in the resumed task (10 classes x 20 // 10), so the comparison means something
     assert len(want["memory.labels"]) == 20 and len(after_kill["memory.labels"]) == 7 * (20 // 7)
     assert torch.bincount(want["memory.labels"]).tolist() == [2] * 10
+
+
+@pytest.mark.parametrize("method", ["proof", "promptfusion"])
+def test_clip_methods_choose_closest_to_mean_exemplars_on_frozen_features(tmp_path, method):
+    from helpers import make_learner
+
+    from ptcl.data.memory import closest_to_mean as pick
+
+    over = {"method.memory_selection": "closest_to_mean"}
+    from ptcl.registry import METHODS
+
+    over.update({f"method.{k}": v for k, v in METHODS.get(method).test_options.items()})
+    over.update({"method.memory_per_class": 2} if method == "proof" else {"method.memory_size": 4})
+    learner, sc = make_learner(tmp_path, method, over)
+    task = sc.tasks[0]
+    learner.before_task(task)
+    learner.after_task(task)  # the memory update reads the frozen features only
+    feats, labels = learner.ctx.data.features("train", task.classes)
+    pos = torch.from_numpy(learner.ctx.data.positions("train", task.classes))
+    want = torch.cat([pos[torch.nonzero(labels == c).flatten()[pick(feats[labels == c], 2)]]
+                      for c in dict.fromkeys(labels.tolist())])
+    assert learner.memory.selection == "closest_to_mean"
+    assert torch.equal(learner.memory.positions, want)

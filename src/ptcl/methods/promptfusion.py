@@ -142,8 +142,10 @@ class PromptFusionConfig(TrainConfig):
                                 source=f"{_MODEL} (lambda_ = ones(1))")
     memory_size: int = option(5000, "exemplars in total over the seen classes (0: no rehearsal)", ge=0,
                               source="official PromptFusion config/pf_*.json (memory_size)")
-    memory_selection: Literal["herding", "random"] = option(
-        "herding", "how exemplars are chosen (herding on the frozen CLIP image embeddings)",
+    memory_selection: Literal["herding", "closest_to_mean", "random"] = option(
+        "herding", "how exemplars are chosen on the frozen CLIP image embeddings: herding (official barycenter), "
+        "closest_to_mean (continuum's herd_closest_to_cluster; the official 'closest' branch of train_pf.py adds "
+        "nothing to the memory) or random",
         source="official PromptFusion config/pf_*.json (herding_method barycenter)")
     drop_last: bool = option(True, "drop the last incomplete training batch (the weight mask has one row "
                              "per batch slot)", source=f"{_TRAIN} (DataLoader drop_last=True)")

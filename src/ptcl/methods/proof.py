@@ -157,8 +157,9 @@ class PROOFConfig(TrainConfig):
         None, "total exemplars shared by the seen classes (memory_size // seen per class), replacing "
         "memory_per_class (official fixed_memory: false); null: memory_per_class", gt=0,
         source="official PROOF models/base.py samples_per_class")
-    memory_selection: Literal["herding", "random"] = option(
-        "herding", "how exemplars are chosen", source="official PROOF models/base.py _construct_exemplar")
+    memory_selection: Literal["herding", "closest_to_mean", "random"] = option(
+        "herding", "how exemplars are chosen: herding, closest_to_mean (nearest the class mean) or random "
+        "(ptcl.data.memory)", source="official PROOF models/base.py _construct_exemplar (herding)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
