@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from helpers import assert_resume_matches_full, make_learner, run_task, tiny_overrides
 
 import ptcl.methods.der  # noqa: F401  (registers "der" until ptcl.methods imports it)
-from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.der import DER, aux_targets, expand_head, weight_align
+from ptcl.heads.linear import IncrementalLinear, expand_linear, weight_align
+from ptcl.methods.der import DER, aux_targets
 
 FAST = {"method.epochs": 1, "method.init_epochs": 1, "method.batch_size": 8, "method.fixed_memory": True,
         "method.memory_per_class": 2}
@@ -136,13 +136,13 @@ def test_loss_is_head_ce_plus_weighted_aux_ce(tmp_path):
         torch.testing.assert_close(first.loss(x0, y0, sc.tasks[0]), F.cross_entropy(first.cnn_logits(x0), y0))
 
 
-def test_weight_align_and_expand_head():
-    head = expand_head(None, 4, 2)
-    head = expand_head(head, 6, 5)
+def test_weight_align_and_expand_linear():
+    head = expand_linear(None, 4, 2)
+    head = expand_linear(head, 6, 5)
     assert head.weight.shape == (5, 6) and head.bias.shape == (5,)
     with torch.no_grad():
         head.weight[3:] *= 7
-    gamma = weight_align(head, 2)
+    gamma = weight_align(head.weight, 2)
     norms = head.weight.norm(dim=1)
     torch.testing.assert_close(norms[3:].mean(), norms[:3].mean())
     assert gamma < 1

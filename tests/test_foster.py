@@ -15,7 +15,8 @@ import ptcl.methods.foster  # noqa: F401  (registers "foster" until ptcl.methods
 from ptcl.backbones.base import Backbone, Preprocess
 from ptcl.config import build_config
 from ptcl.errors import ConfigError
-from ptcl.methods.foster import balanced_kd, class_balanced_weights, weight_align
+from ptcl.heads.linear import weight_align
+from ptcl.methods.foster import balanced_kd, class_balanced_weights
 from ptcl.methods.icarl import softmax_kd
 
 FAST = {"method.epochs": 1, "method.init_epochs": 1, "method.compression_epochs": 1, "method.batch_size": 8,

@@ -46,3 +46,44 @@ class CosineHead(IncrementalLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.sigma * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+
+def simple_linear(in_features: int, out_features: int, device: torch.device | str | None = None) -> IncrementalLinear:
+    """A linear head ``in_features -> out_features`` initialised as LAMDA-PILOT's
+    ``SimpleLinear`` (``backbone/linears.py``, the head of its rehearsal models):
+    ``kaiming_uniform_(nonlinearity="linear")`` weights (uniform in ``+-sqrt(3 / in)``), zero bias."""
+    head = IncrementalLinear(in_features)
+    weight = torch.empty(out_features, in_features, device=device)
+    nn.init.kaiming_uniform_(weight, nonlinearity="linear")
+    head.weight = nn.Parameter(weight)
+    head.bias = nn.Parameter(torch.zeros(out_features, device=device))
+    return head
+
+
+def expand_linear(old: IncrementalLinear | None, in_features: int, out_features: int,
+                  device: torch.device | str | None = None) -> IncrementalLinear:
+    """A :func:`simple_linear` head ``in_features -> out_features`` whose block
+    ``[:old.out_features, :old.in_features]`` and bias ``[:old.out_features]`` are ``old``'s: a
+    head over features that grew in width (concatenated extractors) and in classes (PILOT
+    ``DERNet.update_fc``, ``AdaptiveNet.update_fc``). Raises ``ValueError`` if ``old`` is larger."""
+    head = simple_linear(in_features, out_features, device)
+    if old is not None:
+        rows, cols = old.weight.shape
+        if rows > out_features or cols > in_features:
+            raise ValueError(f"cannot expand a {rows}x{cols} head into {out_features}x{in_features}")
+        with torch.no_grad():
+            head.weight[:rows, :cols] = old.weight.to(head.weight.device)
+            head.bias[:rows] = old.bias.to(head.bias.device)
+    return head
+
+
+@torch.no_grad()
+def weight_align(weight: torch.Tensor, num_new: int, value: float = 1.0) -> float:
+    """Weight aligning (WA, Zhao et al., CVPR 2020; PILOT ``DERNet/FOSTERNet.weight_align``), in
+    place on a head's ``weight`` ``(C, D)`` whose last ``num_new`` rows are the new classes':
+    they are multiplied by ``gamma = mean ||old rows|| / mean ||new rows|| * value ** (old / num_new)``
+    (the bias is left). Returns gamma."""
+    old = weight.shape[0] - num_new
+    gamma = weight[:old].norm(dim=1).mean() / weight[old:].norm(dim=1).mean() * value ** (old / num_new)
+    weight[old:] *= gamma
+    return float(gamma)

@@ -61,7 +61,7 @@ from torch import nn
 
 from ptcl.backbones.base import Backbone
 from ptcl.data.scenario import Task
-from ptcl.heads.linear import IncrementalLinear
+from ptcl.heads.linear import IncrementalLinear, expand_linear, simple_linear, weight_align
 from ptcl.methods.rehearsal import RehearsalConfig, RehearsalLearner
 from ptcl.options import option
 from ptcl.registry import METHODS
@@ -103,41 +103,6 @@ def aux_targets(y: torch.Tensor, known: int) -> torch.Tensor:
     return torch.where(y >= known, y - known + 1, torch.zeros_like(y))
 
 
-def pilot_linear(in_features: int, out_features: int, device: torch.device | None = None) -> IncrementalLinear:
-    """A linear layer ``in_features -> out_features`` initialised as PILOT's ``SimpleLinear``
-    (``backbone/linears.py``): ``kaiming_uniform_(nonlinearity="linear")`` weights, zero bias."""
-    head = IncrementalLinear(in_features)
-    weight = torch.empty(out_features, in_features, device=device)
-    nn.init.kaiming_uniform_(weight, nonlinearity="linear")
-    head.weight = nn.Parameter(weight)
-    head.bias = nn.Parameter(torch.zeros(out_features, device=device))
-    return head
-
-
-def expand_head(old: IncrementalLinear | None, in_features: int, out_features: int,
-                device: torch.device | None = None) -> IncrementalLinear:
-    """A new head ``in_features -> out_features`` (:func:`pilot_linear`) whose block
-    ``[:old.out_features, :old.in_features]`` and bias ``[:old.out_features]`` are ``old``'s
-    (PILOT ``DERNet.update_fc``)."""
-    head = pilot_linear(in_features, out_features, device)
-    if old is not None:
-        rows, cols = old.weight.shape
-        with torch.no_grad():
-            head.weight[:rows, :cols] = old.weight.to(head.weight.device)
-            head.bias[:rows] = old.bias.to(head.bias.device)
-    return head
-
-
-@torch.no_grad()
-def weight_align(head: IncrementalLinear, num_new: int) -> float:
-    """WA (PILOT ``DERNet.weight_align``): multiply the last ``num_new`` rows of ``head.weight``
-    by ``gamma = mean old-row L2 norm / mean new-row L2 norm`` (the bias is left); returns gamma."""
-    norms = head.weight.norm(dim=1)
-    gamma = norms[:-num_new].mean() / norms[-num_new:].mean()
-    head.weight[-num_new:] *= gamma
-    return float(gamma)
-
-
 @METHODS.register("der")
 class DER(RehearsalLearner):
     """DER: one extractor per task, concatenated features, rehearsal (Yan et al., CVPR 2021)."""
@@ -175,9 +140,9 @@ class DER(RehearsalLearner):
             new.requires_grad_(True)
             self.extractors.append(new)
         device = next(self.backbone.parameters()).device
-        self.head = expand_head(self.head, self.feature_dim, task.end, device)
+        self.head = expand_linear(self.head, self.feature_dim, task.end, device)
         width = self.backbone.feature_dim
-        self.aux_head = pilot_linear(width, task.num_new + 1, device) if task.index > 0 else None
+        self.aux_head = simple_linear(width, task.num_new + 1, device) if task.index > 0 else None
         log.debug("DER task %d: %d extractors, feature width %d", task.index, len(self.all_extractors()),
                   self.feature_dim)
 
@@ -222,7 +187,7 @@ class DER(RehearsalLearner):
         params = [p for p in self.parameters() if p.requires_grad]
         self.fit_task(task, lambda x, y: self.loss(x, y, task), params)
         if self.cfg.weight_align and task.index > 0:  # type: ignore[attr-defined]
-            gamma = weight_align(self.head, task.num_new)  # type: ignore[arg-type]
+            gamma = weight_align(self.head.weight, task.num_new)  # type: ignore[union-attr]
             log.info("DER task %d: weight aligning, gamma %.4f", task.index, gamma)
 
     def after_task(self, task: Task) -> None:

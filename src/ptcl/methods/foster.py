@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptcl.data.scenario import Task
-from ptcl.heads.linear import IncrementalLinear
+from ptcl.heads.linear import IncrementalLinear, simple_linear, weight_align
 from ptcl.methods.icarl import softmax_kd
 from ptcl.methods.rehearsal import RehearsalConfig, RehearsalLearner
 from ptcl.options import option
@@ -158,17 +158,6 @@ def balanced_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, weights: tor
     return -(target * torch.log_softmax(logits / T, 1)).sum() / len(logits)
 
 
-@torch.no_grad()
-def weight_align(weight: torch.Tensor, num_new: int, value: float = 1.0) -> float:
-    """PILOT ``FOSTERNet.weight_align``, in place on a head's ``weight`` ``(C, D)`` whose last
-    ``num_new`` rows are the new classes': they are multiplied by
-    ``gamma = mean ||old rows|| / mean ||new rows|| * value ** (old / num_new)``. Returns gamma."""
-    old = weight.shape[0] - num_new
-    gamma = weight[:old].norm(dim=1).mean() / weight[old:].norm(dim=1).mean() * value ** (old / num_new)
-    weight[old:] *= gamma
-    return float(gamma)
-
-
 def pilot_init_rows(head: IncrementalLinear, start: int) -> None:
     """Re-initialise the rows ``start:`` of ``head`` as PILOT's ``SimpleLinear`` does
     (``kaiming_uniform_(nonlinearity="linear")``: uniform in ``+-sqrt(3 / in)``; bias 0)."""
@@ -176,14 +165,6 @@ def pilot_init_rows(head: IncrementalLinear, start: int) -> None:
         nn.init.kaiming_uniform_(head.weight[start:], nonlinearity="linear")
         if head.bias is not None:
             head.bias[start:] = 0.0
-
-
-def pilot_linear(in_features: int, num_classes: int) -> IncrementalLinear:
-    """A head of ``num_classes`` rows initialised as PILOT's ``SimpleLinear``."""
-    head = IncrementalLinear(in_features)
-    head.grow(num_classes)
-    pilot_init_rows(head, 0)
-    return head
 
 
 class BoostOutput(NamedTuple):
@@ -211,8 +192,8 @@ class BoostedNet(nn.Module):
         self.old_backbone = copy.deepcopy(backbone).requires_grad_(False)
         self.new_backbone = copy.deepcopy(backbone).requires_grad_(True)
         self.oldfc = copy.deepcopy(head).requires_grad_(False)
-        self.fc = pilot_linear(2 * d, num_classes)
-        self.fe_fc = pilot_linear(d, num_classes)
+        self.fc = simple_linear(2 * d, num_classes)
+        self.fe_fc = simple_linear(d, num_classes)
         with torch.no_grad():
             self.fc.weight[:k, :d] = head.weight
             if head.bias is not None:

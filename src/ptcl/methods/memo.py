@@ -82,6 +82,7 @@ from torch import nn
 from ptcl.backbones.base import Backbone
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
+from ptcl.heads.linear import IncrementalLinear, expand_linear, simple_linear
 from ptcl.methods.rehearsal import RehearsalConfig, RehearsalLearner
 from ptcl.options import option
 from ptcl.registry import METHODS
@@ -227,45 +228,6 @@ class MemoSplit:
         return not (parts[0] == "blocks" and int(parts[1]) >= self.shared_blocks)
 
 
-def pilot_linear_init(weight: torch.Tensor) -> None:
-    """PILOT ``SimpleLinear.reset_parameters``: Kaiming-uniform with gain 1 (``nonlinearity="linear"``)."""
-    nn.init.kaiming_uniform_(weight, nonlinearity="linear")
-
-
-class ConcatHead(nn.Module):
-    """A linear head over concatenated branch features that grows in classes and in input
-    width (PILOT ``AdaptiveNet.update_fc``): ``weight`` ``(classes, width)``, ``bias`` ``(classes,)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(0, 0))
-        self.bias = nn.Parameter(torch.empty(0))
-
-    def grow(self, extra_in: int, num_new: int) -> None:
-        """``extra_in`` more inputs, ``num_new`` more classes: the old weights and biases are
-        copied into the top-left block, the rest is PILOT's ``SimpleLinear`` init (Kaiming
-        uniform over the new width, zero bias)."""
-        out, width = self.weight.shape
-        w = torch.empty(out + num_new, width + extra_in, device=self.weight.device)
-        pilot_linear_init(w)
-        b = torch.zeros(out + num_new, device=self.bias.device)
-        w[:out, :width] = self.weight.data
-        b[:out] = self.bias.data
-        self.weight = nn.Parameter(w)
-        self.bias = nn.Parameter(b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-def pilot_linear(in_features: int, out_features: int) -> nn.Linear:
-    """An ``nn.Linear`` with PILOT's ``SimpleLinear`` init (Kaiming uniform, gain 1; zero bias)."""
-    fc = nn.Linear(in_features, out_features)
-    pilot_linear_init(fc.weight)
-    nn.init.zeros_(fc.bias)
-    return fc
-
-
 # -- the learner -------------------------------------------------------------------------------
 @METHODS.register("memo")
 class MEMO(RehearsalLearner):
@@ -278,8 +240,8 @@ class MEMO(RehearsalLearner):
         self.split = MemoSplit(backbone, cfg.specialized_blocks)
         self.out_dim = int(backbone.model.num_features)
         self.specialized = nn.ModuleList()
-        self.head = ConcatHead()
-        self.aux_head: nn.Linear | None = None
+        self.head: IncrementalLinear | None = None
+        self.aux_head: IncrementalLinear | None = None
         self._trunk_trains = True
 
     # -- structure ------------------------------------------------------------------------
@@ -312,8 +274,9 @@ class MEMO(RehearsalLearner):
         self._trunk_trains = len(self.specialized) == 1 or cfg.train_base
         for p in self.shared_parameters():
             p.requires_grad_(self._trunk_trains)
-        self.head.grow(self.out_dim, task.num_new)
-        self.aux_head = pilot_linear(self.out_dim, task.num_new + 1).to(self.head.weight.device)
+        device = next(self.backbone.parameters()).device
+        self.head = expand_linear(self.head, self.feature_dim, task.end, device)
+        self.aux_head = simple_linear(self.out_dim, task.num_new + 1, device)
 
     def train(self, mode: bool = True) -> MEMO:
         """As ``nn.Module.train``, but a frozen trunk and frozen old branches stay in eval
