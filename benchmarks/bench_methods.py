@@ -40,15 +40,29 @@ def method_overrides(spec: str) -> list[str]:
     return [f"method.name={name}", *(f"method.{o}" for o in opts)]
 
 
+def variants_text(r: dict) -> str:
+    """``cnn 55.10/40.20``: the avg/last accuracy of each other classifier the run recorded
+    (``metrics.json`` ``variants``, e.g. iCaRL's CNN beside its NME)."""
+    return " ".join(f"{k} {v[0]:.2f}/{v[1]:.2f}" for k, v in r.get("variants", {}).items())
+
+
 def print_table(rows: list[dict]) -> None:
+    other = any(r.get("variants") for r in rows)
     head = f"{'method':<36} {'epochs':>6} {'avg':>6} {'last':>6} {'total_s':>8} {'backbone_s':>10} {'rest_s':>8}"
+    head += "  other classifier (avg/last)" if other else ""
     print(head)  # noqa: T201
     print("-" * len(head))  # noqa: T201
     for r in rows:
         print(  # noqa: T201
             f"{r['method']:<36} {r['epochs'] or '-':>6} {r['avg']:6.2f} {r['last']:6.2f} "
             f"{r['total_s']:8.1f} {r['backbone_s']:10.1f} {r['rest_s']:8.1f}"
+            + (f"  {variants_text(r)}" if other else "")
         )
+
+
+def variants_of(m: dict) -> dict:
+    """``{name: [avg, last]}`` of the run's other classifiers (``metrics.json`` ``variants``)."""
+    return {k: [v["avg_acc"], v["last_acc"]] for k, v in m.get("variants", {}).items()}
 
 
 def row_from_run(run_dir: Path) -> dict:
@@ -68,7 +82,7 @@ def row_from_run(run_dir: Path) -> dict:
         "acc": m["accuracy_per_task"], "backbone": cfg["backbone"]["name"],
         "image_size": cfg["backbone"].get("image_size"),
         "tasks": f"{cfg['scenario']['init_cls']}+{cfg['scenario']['increment']}", "extra": [],
-        "cache": "run", "run": str(run_dir),
+        "cache": "run", "run": str(run_dir), "variants": variants_of(m),
     }
 
 
@@ -130,7 +144,7 @@ def main() -> None:
             "total_s": total, "backbone_s": feat, "rest_s": total - feat, "wall_s": wall,
             "acc": m["accuracy_per_task"], "backbone": args.backbone, "image_size": args.image_size,
             "tasks": f"{args.init_cls}+{args.increment}", "extra": args.set,
-            "cache": "shared" if args.cache else "cold",
+            "cache": "shared" if args.cache else "cold", "variants": variants_of(m),
         }
         rows.append(row)
     if args.rows is not None:

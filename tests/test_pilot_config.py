@@ -109,6 +109,9 @@ EXPS: dict[str, dict] = {
             "init_milestones": [60, 120, 170], "init_lr_decay": 0.1, "init_weight_decay": 0.0005, "epochs": 10,
             "lrate": 1e-3, "milestones": [80, 120, 150], "lrate_decay": 0.1, "batch_size": 32, "weight_decay": 2e-4,
             "T": 2},
+    "dgr": {**BASE, "memory_size": 2000, "memory_per_class": 20, "model_name": "dgr",
+            "backbone_type": "vit_base_patch16_224", "lambda": 1, "gammar_r": 1, "init_epoch": 20, "init_lr": 1e-3,
+            "init_weight_decay": 5e-4, "epochs": 20, "lrate": 1e-3, "batch_size": 128, "weight_decay": 5e-4, "T": 2},
 }
 
 PILOT_PIPELINE = {"backbone.input_norm": "none", "backbone.eval_crop_ratio": 0.875}
@@ -169,6 +172,8 @@ EXPECTED: dict[str, dict] = {  # dotted ptcl key -> value in the built RunConfig
     "der": {"method.init_epochs": 10, "method.epochs": 10, "method.lr": 1e-3, "method.batch_size": 32,
             "method.milestones": [80, 120, 150], "method.weight_decay": 2e-4, "method.init_weight_decay": 0.0005,
             "method.memory_size": 2000, "method.fixed_memory": False},
+    "dgr": {"method.kd_lambda": 1, "method.gammar_r": 1, "method.T": 2, "method.init_epochs": 20, "method.epochs": 20,
+            "method.batch_size": 128, "method.weight_decay": 5e-4, "method.scheduler": "cosine"},
 }
 
 

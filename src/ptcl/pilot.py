@@ -456,7 +456,10 @@ MODELS: dict[str, ModelSpec] = {
         "skip": fixed(False, "trains the first task (no fine-tuned first-task checkpoint is loaded)")},
         # PILOT's Specialized_Vit keeps its block in a new attribute that timm's npz loader does not fill
         {"method.specialized_init": "random"}),
-    "coil": ModelSpec("coil"), "dgr": ModelSpec("dgr"), "duct": ModelSpec("duct"),
+    "coil": ModelSpec("coil"), "dgr": ModelSpec("dgr", {
+        **{k: v for k, v in _REHEARSAL.items() if k not in ("init_milestones", "init_lr_decay", "milestones",
+                                                            "lrate_decay")},
+        "lambda": to("kd_lambda"), "gammar_r": to("gammar_r")}), "duct": ModelSpec("duct"),
 }
 """PILOT ``model_name`` (``utils/factory.py get_model``) -> how it maps. A spec without a
 table (icarl, der, ...) names the ptcl method to come; until it is registered, importing

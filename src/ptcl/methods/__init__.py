@@ -6,6 +6,7 @@ from ptcl.methods import (  # noqa: F401  (registration)
     cofima,
     dap,
     der,
+    dgr,
     dualprompt,
     ease,
     esn,

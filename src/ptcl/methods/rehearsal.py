@@ -29,7 +29,7 @@ report them as baselines beside the PTM methods. They share:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +45,7 @@ from ptcl.errors import ConfigError
 from ptcl.methods.base import IMAGES, Learner
 from ptcl.options import option
 from ptcl.seeding import generator
+from ptcl.train.callbacks import Callback
 from ptcl.train.snapshot import Snapshot
 
 PILOT_MEMORY = "LAMDA-PILOT exps/{icarl,der,memo}.json (memory_size 2000, fixed_memory false)"
@@ -149,12 +150,12 @@ class RehearsalLearner(Learner):
         return images_with_memory(self.ctx.data, task.classes, self.memory, train_transform=True)
 
     def fit_task(self, task: Task, step: Callable, params, desc: str | None = None, epochs: int | None = None,
-                 cfg: RehearsalConfig | None = None) -> list[float]:
+                 cfg: RehearsalConfig | None = None, callbacks: Sequence[Callback] = ()) -> list[float]:
         """:meth:`Learner.fit` over :meth:`train_dataset` with the task's options
-        (:meth:`RehearsalConfig.task_config`)."""
+        (:meth:`RehearsalConfig.task_config`) and the method's train-loop ``callbacks``."""
         cfg = cfg or self.cfg.task_config(task)  # type: ignore[attr-defined]
         return self.fit(self.train_dataset(task), step, params, cfg, epochs=epochs,
-                        desc=desc or f"task {task.index}", seed=task.index)
+                        desc=desc or f"task {task.index}", seed=task.index, callbacks=callbacks)
 
     @torch.no_grad()
     def _embed_at(self, positions) -> torch.Tensor:
@@ -169,6 +170,11 @@ class RehearsalLearner(Learner):
         """Add ``task``'s classes to the memory (their exemplars chosen on the current model's
         features), shrink the old ones, and recompute every held class's NME mean."""
         data = self.ctx.data
+        if self.memory.budget(task.end) < 1:
+            raise ConfigError(
+                f"method.memory_size={self.memory.total} keeps no exemplar for {task.end} seen classes "
+                f"(memory_size // classes = 0); raise memory_size to at least "
+                f"{self.ctx.scenario.num_classes} or set method.fixed_memory=true with memory_per_class")
         pos = data.positions("train", task.classes)
         labels = torch.from_numpy(data.label["train"][pos])
         feats = self._embed_at(pos) if self.memory.selection != "random" else None
