@@ -128,3 +128,8 @@ def test_bad_options_are_one_line_errors():
         build_config(None, ["method.name=icarl", "method.loss=kl"])
     with pytest.raises(ConfigError, match="memory_size"):
         build_config(None, ["method.name=icarl", "method.memory_size=0"])
+
+
+def test_a_total_memory_smaller_than_the_classes_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"memory_size=3 keeps no exemplar per class once all 10 classes"):
+        make_learner(tmp_path, "icarl", {"method.memory_size": 3})

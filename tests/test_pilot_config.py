@@ -112,6 +112,10 @@ EXPS: dict[str, dict] = {
     "dgr": {**BASE, "memory_size": 2000, "memory_per_class": 20, "model_name": "dgr",
             "backbone_type": "vit_base_patch16_224", "lambda": 1, "gammar_r": 1, "init_epoch": 20, "init_lr": 1e-3,
             "init_weight_decay": 5e-4, "epochs": 20, "lrate": 1e-3, "batch_size": 128, "weight_decay": 5e-4, "T": 2},
+    "coil": {**BASE, "memory_size": 2000, "memory_per_class": 20, "epochs": 10, "sinkhorn": 0.464,
+             "calibration_term": 1.5, "norm_term": 3.0, "reg_term": 1e-3, "model_name": "coil",
+             "backbone_type": "vit_base_patch16_224", "lrate": 1e-3, "milestones": [80, 120], "lrate_decay": 0.1,
+             "batch_size": 64, "T": 2},
 }
 
 PILOT_PIPELINE = {"backbone.input_norm": "none", "backbone.eval_crop_ratio": 0.875}
@@ -174,6 +178,9 @@ EXPECTED: dict[str, dict] = {  # dotted ptcl key -> value in the built RunConfig
             "method.memory_size": 2000, "method.fixed_memory": False},
     "dgr": {"method.kd_lambda": 1, "method.gammar_r": 1, "method.T": 2, "method.init_epochs": 20, "method.epochs": 20,
             "method.batch_size": 128, "method.weight_decay": 5e-4, "method.scheduler": "cosine"},
+    "coil": {"method.sinkhorn_reg": 0.464, "method.norm_term": 3.0, "method.reg_term": 1e-3, "method.epochs": 10,
+             "method.batch_size": 64, "method.milestones": [80, 120], "method.memory_size": 2000, "method.T": 2,
+             "method.sinkhorn_marginals": "pilot"},
 }
 
 

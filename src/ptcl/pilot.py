@@ -456,7 +456,11 @@ MODELS: dict[str, ModelSpec] = {
         "skip": fixed(False, "trains the first task (no fine-tuned first-task checkpoint is loaded)")},
         # PILOT's Specialized_Vit keeps its block in a new attribute that timm's npz loader does not fill
         {"method.specialized_init": "random"}),
-    "coil": ModelSpec("coil"), "dgr": ModelSpec("dgr", {
+    "coil": ModelSpec("coil", {
+        **_REHEARSAL, "sinkhorn": to("sinkhorn_reg"), "norm_term": to("norm_term"), "reg_term": to("reg_term"),
+        "calibration_term": ignored("PILOT's models/coil.py overwrites it with the computed calibration factor "
+                                    "before reading it")},
+        {"method.sinkhorn_marginals": "pilot"}), "dgr": ModelSpec("dgr", {
         **{k: v for k, v in _REHEARSAL.items() if k not in ("init_milestones", "init_lr_decay", "milestones",
                                                             "lrate_decay")},
         "lambda": to("kd_lambda"), "gammar_r": to("gammar_r")}), "duct": ModelSpec("duct"),

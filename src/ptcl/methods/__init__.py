@@ -4,6 +4,7 @@ from ptcl.methods import (  # noqa: F401  (registration)
     aper,
     coda_prompt,
     cofima,
+    coil,
     dap,
     der,
     dgr,

@@ -117,6 +117,12 @@ class RehearsalLearner(Learner):
 
     def __init__(self, cfg: RehearsalConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
+        classes = getattr(ctx.scenario, "num_classes", 0)
+        if not cfg.fixed_memory and cfg.memory_size < classes:
+            raise ConfigError(
+                f"method.memory_size={cfg.memory_size} keeps no exemplar per class once all {classes} classes are "
+                f"seen (memory_size // classes = 0); raise memory_size to at least {classes} or set "
+                "method.fixed_memory=true with memory_per_class")
         self.memory = ExemplarMemory(per_class=cfg.memory_per_class if cfg.fixed_memory else None,
                                      total=None if cfg.fixed_memory else cfg.memory_size,
                                      selection=cfg.memory_selection)
