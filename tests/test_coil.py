@@ -21,7 +21,7 @@ from ptcl.methods.coil import (
     sinkhorn_plan,
     transport_marginals,
 )
-from ptcl.methods.icarl import softmax_kd
+from ptcl.methods.rehearsal import softmax_kd
 
 FAST = {"method.epochs": 1, "method.batch_size": 8, "method.fixed_memory": True, "method.memory_per_class": 2}
 WIDTH = 32  # vit_tiny_test's feature width

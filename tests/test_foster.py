@@ -17,7 +17,7 @@ from ptcl.config import build_config
 from ptcl.errors import ConfigError
 from ptcl.heads.linear import weight_align
 from ptcl.methods.foster import balanced_kd, class_balanced_weights
-from ptcl.methods.icarl import softmax_kd
+from ptcl.methods.rehearsal import softmax_kd
 
 FAST = {"method.epochs": 1, "method.init_epochs": 1, "method.compression_epochs": 1, "method.batch_size": 8,
         "method.memory_per_class": 2}

@@ -11,7 +11,8 @@ from helpers import make_learner, run_task, tiny_overrides
 import ptcl
 from ptcl.config import build_config
 from ptcl.errors import ConfigError
-from ptcl.methods.icarl import bce_targets, softmax_kd
+from ptcl.methods.icarl import bce_targets
+from ptcl.methods.rehearsal import softmax_kd
 
 
 def test_bce_targets_are_one_hot_with_the_teachers_sigmoid_for_old_classes():

@@ -79,8 +79,7 @@ from ptcl.backbones.base import Backbone
 from ptcl.data.scenario import Task
 from ptcl.errors import ConfigError
 from ptcl.heads.linear import IncrementalLinear, expand_linear
-from ptcl.methods.icarl import softmax_kd
-from ptcl.methods.rehearsal import RehearsalConfig, RehearsalLearner
+from ptcl.methods.rehearsal import RehearsalConfig, RehearsalLearner, softmax_kd
 from ptcl.options import option
 from ptcl.registry import METHODS
 from ptcl.train.callbacks import Callback, LoopState

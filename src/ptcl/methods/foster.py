@@ -77,8 +77,7 @@ from torch import nn
 
 from ptcl.data.scenario import Task
 from ptcl.heads.linear import IncrementalLinear, simple_linear, weight_align
-from ptcl.methods.icarl import softmax_kd
-from ptcl.methods.rehearsal import RehearsalConfig, RehearsalLearner
+from ptcl.methods.rehearsal import RehearsalConfig, RehearsalLearner, softmax_kd
 from ptcl.options import option
 from ptcl.registry import METHODS
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ptcl.data.scenario import Task
 from ptcl.heads.linear import IncrementalLinear
-from ptcl.methods.rehearsal import Classifier, RehearsalConfig, RehearsalLearner
+from ptcl.methods.rehearsal import Classifier, RehearsalConfig, RehearsalLearner, softmax_kd
 from ptcl.options import option
 from ptcl.registry import METHODS
 
@@ -84,12 +84,6 @@ def bce_targets(y: torch.Tensor, teacher_logits: torch.Tensor | None, num_classe
     if teacher_logits is not None:
         target[:, : teacher_logits.shape[1]] = torch.sigmoid(teacher_logits.float())
     return target
-
-
-def softmax_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """PILOT's ``_KD_loss``: ``-sum_c softmax(teacher / T)_c log_softmax(logits / T)_c``,
-    summed over the classes and averaged over the batch (``logits``, ``teacher_logits``: ``(B, K)``)."""
-    return -(torch.softmax(teacher_logits / T, 1) * torch.log_softmax(logits / T, 1)).sum() / len(logits)
 
 
 @METHODS.register("icarl")

@@ -101,6 +101,12 @@ class RehearsalConfig(TrainConfig):
                               f"got {self.memory_selection!r}")
 
 
+def softmax_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """PILOT's ``_KD_loss``: ``-sum_c softmax(teacher / T)_c log_softmax(logits / T)_c``,
+    summed over the classes and averaged over the batch (``logits``, ``teacher_logits``: ``(B, K)``)."""
+    return -(torch.softmax(teacher_logits / T, 1) * torch.log_softmax(logits / T, 1)).sum() / len(logits)
+
+
 class RehearsalLearner(Learner):
     """Base of the rehearsal baselines (see the module docstring).
 
