@@ -163,7 +163,7 @@ EXPECTED: dict[str, dict] = {  # dotted ptcl key -> value in the built RunConfig
               "method.init_lr": 1e-3, "method.lr": 1e-3, "method.init_weight_decay": 0.0005,
               "method.weight_decay": 2e-4, "method.init_milestones": [60, 120, 170], "method.milestones": [80, 120],
               "method.scheduler": "multistep", "method.batch_size": 128, "method.memory_size": 2000,
-              "method.fixed_memory": False, "method.classifier": "nme"},
+              "method.fixed_memory": False, "method.classifier": "cnn"},
     "memo": {"method.init_epochs": 10, "method.epochs": 20, "method.batch_size": 32, "method.alpha_aux": 1.0,
              "method.train_base": False, "method.train_adaptive": False, "method.scheduler": "multistep",
              "method.milestones": [80, 120, 150], "method.init_milestones": [60, 120, 170],
@@ -331,6 +331,6 @@ def test_pilot_config_runs_end_to_end_on_cifar10(name, cifar10_archive, tmp_path
     for key, want in EXPECTED[name].items():  # the file's values, except those the overrides shortened
         if not any(o.startswith(key + "=") for o in SHORT[name]):
             assert _get(saved, key) == want, (key, _get(saved, key))
-    if name == "icarl":  # PILOT reports both classifiers
-        assert set(metrics["variants"]) == {"cnn"}
-        assert len(metrics["rows"][-1]["variants"]["cnn"]["accuracy_row"]) == 2
+    if name == "icarl":  # PILOT reports both classifiers: the CNN's first, NME beside it
+        assert set(metrics["variants"]) == {"nme"}
+        assert len(metrics["rows"][-1]["variants"]["nme"]["accuracy_row"]) == 2

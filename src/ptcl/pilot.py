@@ -437,7 +437,7 @@ MODELS: dict[str, ModelSpec] = {
         "init_milestones": same_as("milestones", _effective_milestones), "init_lr_decay": same_as("lrate_decay")},
         {"method.scheduler": "multistep", "method.mask_old_logits": True}),
     # PILOT's rehearsal models: issue 15 adds them to ptcl under these names
-    "icarl": ModelSpec("icarl", _REHEARSAL, {"method.loss": "ce_kd"}),
+    "icarl": ModelSpec("icarl", _REHEARSAL, {"method.loss": "ce_kd", "method.classifier": "cnn"}),
     "der": ModelSpec("der", {k: v for k, v in _REHEARSAL.items() if k != "T"}, unused=("T",)),
     "foster": ModelSpec("foster", {
         "init_epochs": to("init_epochs"), "init_lr": to("init_lr"), "init_weight_decay": to("init_weight_decay"),

@@ -21,11 +21,15 @@ Two losses (``loss``):
   ``sigmoid_cross_entropy_with_logits`` + ``reduce_mean``;
 * ``ce_kd`` (LAMDA-PILOT): cross-entropy over all seen classes plus the softmax
   distillation ``-sum softmax(teacher / T) * log_softmax(old logits / T)`` per sample
-  (``T = 2``), averaged over the batch. ``ptcl run --pilot-config exps/icarl.json`` selects it.
+  (``T = 2``), averaged over the batch. ``ptcl run --pilot-config exps/icarl.json`` selects it
+  (and ``classifier: cnn``: PILOT's headline curve is the CNN's, NME beside it).
 
 Classification (``classifier``): ``nme`` (the paper's nearest mean of exemplars; default);
 the trained head's (CNN) accuracy is recorded beside it (``metrics.json`` ``variants.cnn``),
 as PILOT reports both.
+
+The head grows as PILOT's ``IncrementalNet.update_fc``: a new ``SimpleLinear`` layer
+(Kaiming-uniform weights, zero bias) with the old rows copied.
 
 Defaults: LAMDA-PILOT ``exps/icarl.json`` (ViT-B/16): 20 epochs at SGD lr 1e-3 (momentum 0.9)
 per task, batch 128, weight decay 5e-4 on the first task and 2e-4 after, step decay by 0.1
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ptcl.data.scenario import Task
-from ptcl.heads.linear import IncrementalLinear
+from ptcl.heads.linear import IncrementalLinear, expand_linear
 from ptcl.methods.rehearsal import Classifier, RehearsalConfig, RehearsalLearner, softmax_kd
 from ptcl.options import option
 from ptcl.registry import METHODS
@@ -95,11 +99,13 @@ class ICaRL(RehearsalLearner):
     def __init__(self, cfg: ICaRLConfig, backbone, ctx) -> None:
         super().__init__(cfg, backbone, ctx)
         backbone.requires_grad_(True)
-        self.head = IncrementalLinear(backbone.feature_dim)
+        self.head: IncrementalLinear | None = None
 
     def before_task(self, task: Task) -> None:
         self.take_teacher(task)
-        self.head.grow(task.num_new)
+        # PILOT's IncrementalNet.update_fc: a SimpleLinear head (Kaiming-uniform, zero bias), old rows copied
+        device = next(self.backbone.parameters()).device
+        self.head = expand_linear(self.head, self.backbone.feature_dim, task.end, device)
 
     def train_task(self, task: Task) -> None:
         self.to(self.device)
@@ -109,7 +115,7 @@ class ICaRL(RehearsalLearner):
         self.update_memory(task)
 
     def cnn_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.backbone(x))  # type: ignore[misc]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
         """The task's loss on a batch (see the module docstring)."""

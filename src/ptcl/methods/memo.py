@@ -52,7 +52,11 @@ Where ptcl differs from PILOT:
 * the timm model inside ``self.backbone`` keeps its own (pre-trained, frozen, never run) copy
   of the deep blocks, the source of the first branch: it is in the state dict but not counted
   in :meth:`MEMO.inference_cost`'s ``parameters``;
-* PILOT's ``skip`` (load a fine-tuned first-task checkpoint) and ``t_max`` (cosine) are not options.
+* PILOT's ``skip`` (load a fine-tuned first-task checkpoint) and ``t_max`` (cosine) are not options;
+* the NME means of every new class are computed (PILOT ``models/memo.py`` sets
+  ``_class_means[class_idx]`` after its loop over the new classes, so only the task's last new
+  class gets a mean until the next task recomputes them: PILOT's logged NME accuracy of MEMO
+  is lower than its exemplars give, and ptcl's NME variant does not reproduce it).
 
 Defaults: LAMDA-PILOT ``exps/memo.json`` (ViT-B/16, CIFAR-100 B0 Inc10): SGD (momentum 0.9)
 batch 32; first task 10 epochs at lr 1e-3, weight decay 5e-4, milestones [60, 120, 170];
