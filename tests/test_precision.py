@@ -121,6 +121,7 @@ def test_a_bf16_run_never_reads_fp32_features(tmp_path, monkeypatch):
     assert (cache.misses, cache.hits) == (4, 2)  # its own entries are reused
     assert build_config(None, [*over, "precision=bf16"]).precision == "bf16"
     assert "precision: bf16" in (tmp_path / "bf16" / "config.yaml").read_text()
+    assert bf16["precision"] == "bf16"  # metrics.json says which precision produced its numbers
 
 
 def test_extract_features_returns_float32_in_bf16():

@@ -185,6 +185,7 @@ def _run(
         "test_samples": int(len(data.index["test"])),
         "dataset_fingerprint": stream["dataset_fingerprint"],
         "device": str(device),
+        "precision": cfg.precision,  # of the training steps and image-input evaluation (ptcl.precision)
         **({"world_size": dist.world_size()} if dist.world_size() > 1 else {}),  # torchrun ranks (rank 0's device)
         "peak_memory_kind": memory.kind(),
         "eval_protocol": eval_protocol(learner),  # per_image, or how test batches leak task identity
