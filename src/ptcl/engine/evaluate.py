@@ -78,7 +78,7 @@ def predict_seen(learner: Learner, task: Task, batch_size: int = 256,
     """Top-1 predictions and remapped labels for every test sample of classes ``< task.end``,
     in the order the learner's :func:`eval_batches` serves them (``(N,)`` each). A dict given
     as ``variants`` receives the top-1 predictions ``(N,)`` of each of the learner's
-    :meth:`~ptcl.methods.base.Learner.prediction_variants`, on the same batches. Runs under
+    :meth:`~ptcl.methods.base.Learner.predict_with_variants`, on the same batches. Runs under
     ``torch.inference_mode`` and in :func:`eval_precision`. Logs this evaluation's data wait
     vs compute and the task's total (its fits and feature extractions too,
     :class:`~ptcl.data.loading.InputTimer`), and resets that total.
@@ -111,8 +111,7 @@ def _predict_seen(learner: Learner, task: Task, batch_size: int,
     learner.eval()
     precision = eval_precision(learner)
     preds, labels = [], []
-    others = learner.prediction_variants() if variants is not None else {}
-    other_preds: dict[str, list[torch.Tensor]] = {k: [] for k in others}
+    other_preds: dict[str, list[torch.Tensor]] = {}
     served = getattr(data, "backbone", None)  # images arrive uint8, normalised on the device (ptcl.data.loading)
     loader = DeviceLoader(ds, batch_sampler=dist.shard_list(eval_batches(learner, classes, batch_size, len(ds))),
                           num_workers=loader_workers(data.num_workers, len(ds)), device=learner.device,
@@ -121,13 +120,15 @@ def _predict_seen(learner: Learner, task: Task, batch_size: int,
     for xb, yb in timed(tqdm(loader, desc=f"eval {task.index}", disable=learner.ctx.quiet, leave=False), wait):
         xb = to_device(xb, learner.device)
         with autocast(learner.device, precision):
-            logits = learner.predict(xb)
-            other_logits = {k: fn(xb) for k, fn in others.items()}
+            if variants is None:
+                logits, other_logits = learner.predict(xb), {}
+            else:  # the other classifiers from the same forward pass
+                logits, other_logits = learner.predict_with_variants(xb)
         for lg in (logits, *other_logits.values()):
             _check_logits(learner, task, lg)
         preds.append(logits.argmax(1).cpu())
         for k, lg in other_logits.items():
-            other_preds[k].append(lg.argmax(1).cpu())
+            other_preds.setdefault(k, []).append(lg.argmax(1).cpu())
         labels.append(torch.as_tensor(yb))
     compute = time.perf_counter() - t0 - wait[0]
     log.info("eval %d: %d samples, %d workers, %s", task.index, len(ds), loader.num_workers,

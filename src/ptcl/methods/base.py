@@ -188,13 +188,13 @@ class Learner(nn.Module):
         tasks); a merged model's stays constant."""
         return {"backbone_passes": 1, "experts_run": 1, "parameters": sum(p.numel() for p in self.parameters())}
 
-    def prediction_variants(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """Other classifiers of the same model (name -> a function like :meth:`predict`) whose
-        accuracy the evaluation also records, on the same test batches, in
-        ``metrics.json`` ``rows[i]["variants"][name]`` (accuracy, per-task row, old/new) and
-        ``variants[name]`` (average and last accuracy): e.g. iCaRL's CNN beside its NME
-        classifier, as LAMDA-PILOT reports both. Default: none."""
-        return {}
+    def predict_with_variants(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`predict` ``(x)`` and the logits of the model's other classifiers (name ->
+        ``(B, seen classes)``), from one forward pass, whose accuracy the evaluation also
+        records in ``metrics.json`` ``rows[i]["variants"][name]`` (accuracy, per-task row,
+        old/new) and ``variants[name]`` (average and last accuracy): e.g. iCaRL's CNN beside
+        its NME classifier, as LAMDA-PILOT reports both. Default: ``predict(x)`` and none."""
+        return self.predict(x), {}
 
     # -- helpers for subclasses ---------------------------------------------------------
     @property

@@ -258,11 +258,6 @@ class Coil(RehearsalLearner):
             w = self.head.weight
             self.head.weight = nn.Parameter(torch.cat([w.data, w.new_zeros(task.num_new, w.shape[1])]))
 
-    # -- forward -------------------------------------------------------------------------
-    def cnn_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The cosine head's logits ``(B, seen classes)``."""
-        return self.head(self.backbone(x))
-
     # -- transport -------------------------------------------------------------------------
     @torch.no_grad()
     def prototypes(self, parts: Sequence[tuple[np.ndarray, np.ndarray]], classes: Sequence[int]) -> torch.Tensor:

@@ -167,10 +167,6 @@ class DER(RehearsalLearner):
         """The concatenated features ``(B, feature_dim)`` (PILOT ``DERNet.extract_vector``)."""
         return torch.cat(self.features_per_extractor(x), dim=1)
 
-    def cnn_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's logits ``(B, seen classes)`` over the concatenated features."""
-        return self.head(self.embed(x))  # type: ignore[misc]
-
     # -- training ------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
         """``CE(head(concat features), y)`` plus, from the second task on,

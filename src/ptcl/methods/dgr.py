@@ -210,10 +210,6 @@ class DGR(RehearsalLearner):
         self.head = expand_linear(self.head, self.backbone.feature_dim, task.end, device)
         self.grad_accum = torch.zeros(task.end, dtype=torch.float64, device=device)
 
-    def cnn_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's logits ``(B, seen classes)``."""
-        return self.head(self.backbone(x))  # type: ignore[misc]
-
     # -- training ----------------------------------------------------------------------------
     def class_counts(self, task: Task) -> torch.Tensor:
         """Training samples per seen class ``(task.end,)`` in this task's training set (the

@@ -362,9 +362,6 @@ class FOSTER(RehearsalLearner):
         return balanced_kd(self.cnn_logits(x).float(), teacher, self.weights, cfg.T)
 
     # -- prediction ----------------------------------------------------------------------------
-    def cnn_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
     def inference_cost(self) -> dict[str, int]:
         """One backbone pass once a task is done (the boosted model, two, exists only during a task)."""
         cost = super().inference_cost()

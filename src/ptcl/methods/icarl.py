@@ -114,9 +114,6 @@ class ICaRL(RehearsalLearner):
     def after_task(self, task: Task) -> None:
         self.update_memory(task)
 
-    def cnn_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))  # type: ignore[misc]
-
     def loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
         """The task's loss on a batch (see the module docstring)."""
         cfg: ICaRLConfig = self.cfg  # type: ignore[assignment]

@@ -312,9 +312,6 @@ class MEMO(RehearsalLearner):
         """The concatenated branch features ``(B, T * D)``."""
         return torch.cat(self.branch_features(x), dim=1)
 
-    def cnn_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
-
     # -- training -----------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
         """Cross-entropy over the seen classes, plus from the second task on ``alpha_aux``

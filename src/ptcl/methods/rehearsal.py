@@ -21,7 +21,7 @@ report them as baselines beside the PTM methods. They share:
   the nearest mean (squared Euclidean distance of its normalised feature). PILOT reports
   the CNN (the trained head) and the NME accuracy of every rehearsal model; here the one
   ``classifier`` selects is the run's accuracy and the other is recorded in
-  ``metrics.json`` under ``rows[i]["variants"]`` (:meth:`Learner.prediction_variants`).
+  ``metrics.json`` under ``rows[i]["variants"]`` (:meth:`Learner.predict_with_variants`: both from one forward pass).
 * **a teacher**: the model after the previous task, a :class:`~ptcl.train.snapshot.Snapshot`
   taken at the start of the task (so ``--resume`` rebuilds it).
 """
@@ -110,9 +110,9 @@ def softmax_kd(logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> 
 class RehearsalLearner(Learner):
     """Base of the rehearsal baselines (see the module docstring).
 
-    Subclasses implement :meth:`embed` (the features the head, herding and NME use:
-    ``(B, feature_dim)``), :meth:`cnn_logits` (the trained head's logits over the seen
-    classes) and ``train_task``; :meth:`train_dataset` serves the task's images plus the
+    Subclasses set ``self.head`` (the trained classifier over :meth:`embed`'s features),
+    override :meth:`embed` where the features are not the backbone's (``(B, feature_dim)``:
+    what the head, herding and NME use) and implement ``train_task``; :meth:`train_dataset` serves the task's images plus the
     exemplars, :meth:`take_teacher` snapshots the model in ``before_task``."""
 
     config_cls = RehearsalConfig
@@ -146,8 +146,8 @@ class RehearsalLearner(Learner):
         return self.backbone(x)
 
     def cnn_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The trained head's logits ``(B, seen classes)``."""
-        raise NotImplementedError
+        """The trained head's logits ``(B, seen classes)``: ``head(embed(x))``."""
+        return self.head(self.embed(x))
 
     # -- shared machinery ------------------------------------------------------------------
     def take_teacher(self, task: Task) -> None:
@@ -210,16 +210,22 @@ class RehearsalLearner(Learner):
     def nme_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Minus the squared Euclidean distance of each normalised feature to each class's
         NME mean: ``(B, seen classes)``; the nearest mean scores highest."""
-        f = F.normalize(self.embed(x).float(), dim=1)
+        return self._nme_scores(self.embed(x))
+
+    def _nme_scores(self, features: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(features.float(), dim=1)
         return -torch.cdist(f, self.nme_means.to(f.device)).pow(2)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.nme_logits(x) if self.cfg.classifier == "nme" else self.cnn_logits(x)  # type: ignore[attr-defined]
+        f = self.embed(x)
+        return self._nme_scores(f) if self.cfg.classifier == "nme" else self.head(f)  # type: ignore[attr-defined]
 
-    def prediction_variants(self) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        """The classifier the run does not report, for ``metrics.json`` ``rows[i]["variants"]``."""
-        other = "cnn" if self.cfg.classifier == "nme" else "nme"  # type: ignore[attr-defined]
-        return {other: self.cnn_logits if other == "cnn" else self.nme_logits}
+    def predict_with_variants(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reported classifier's logits and the other one's (``{"cnn"|"nme": logits}``), from
+        one :meth:`embed` pass."""
+        f = self.embed(x)
+        both = {"cnn": self.head(f), "nme": self._nme_scores(f)}
+        return both.pop(self.cfg.classifier), both  # type: ignore[attr-defined]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
         key = prefix + "nme_means"  # grows with the classes and the feature width
