@@ -76,6 +76,19 @@ def run_task(learner: Learner, task: Task, reseed: bool = True) -> None:
     learner.after_task(task)
 
 
+def train_batch(learner: Learner, classes, n: int = 8, shuffle: bool = False,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` training images (eval transform) of ``classes`` and their labels, as the run's
+    loader serves them (normalised, on the learner's device)."""
+    ds = learner.ctx.data.images("train", classes, train_transform=False)
+    return next(iter(learner.ctx.data.loader(ds, n, shuffle=shuffle, seed=seed)))
+
+
+def state_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of ``module``'s state dict (to compare before and after training)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def assert_resume_matches_full(over: list[str], tmp_path: Path, keys: tuple[str, ...]) -> None:
     """A run stopped after task 2 and resumed ends with the uninterrupted run's ``keys``."""
     full = run(None, over, out=tmp_path / "full", quiet=True)

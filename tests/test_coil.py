@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_resume_matches_full, make_learner, run_task, tiny_overrides
+from helpers import assert_resume_matches_full, make_learner, run_task, tiny_overrides, train_batch
 
 import ptcl.methods.coil  # noqa: F401  (registers "coil" until ptcl.methods imports it)
 from ptcl.errors import ConfigError
@@ -31,11 +31,6 @@ def make(tmp_path, **extra) -> tuple[Coil, object]:
     learner, sc = make_learner(tmp_path, "coil", {**FAST, **extra})
     assert isinstance(learner, Coil)
     return learner, sc
-
-
-def a_batch(learner: Coil, classes: range, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    ds = learner.ctx.data.images("train", classes, train_transform=False)
-    return next(iter(learner.ctx.data.loader(ds, n, shuffle=False)))
 
 
 # -- transport, by hand -------------------------------------------------------------------------
@@ -141,7 +136,7 @@ def test_head_is_cosine_grows_with_zero_rows_and_keeps_sigma(tmp_path):
     assert learner.head.weight.shape == (4, WIDTH)
     assert torch.equal(learner.head.weight[:2], old) and torch.all(learner.head.weight[2:] == 0)
     assert float(learner.head.sigma.detach()) == sigma
-    x, _ = a_batch(learner, range(2), 4)
+    x, _ = train_batch(learner, range(2), 4)
     learner.eval()
     with torch.no_grad():
         f = learner.backbone(x)
@@ -181,7 +176,7 @@ def test_new_rows_start_from_the_prospective_transport_of_the_old_rows(tmp_path)
 def test_loss_first_epoch_distils_from_the_teacher_and_the_transported_init(tmp_path):
     learner, sc = make(tmp_path)
     run_task(learner, sc.tasks[0])
-    x0, y0 = a_batch(learner, range(2))
+    x0, y0 = train_batch(learner, range(2))
     learner.eval()
     with torch.no_grad():
         torch.testing.assert_close(learner.loss(x0, y0, sc.tasks[0], 1, 0, 0),
@@ -193,7 +188,7 @@ def test_loss_first_epoch_distils_from_the_teacher_and_the_transported_init(tmp_
     with torch.no_grad():
         learner.head.weight[2:] = learner.ot_new_branch
     assert torch.equal(learner.teacher.module.cnn_logits(x0), before)  # the model after task 0
-    x, y = a_batch(learner, range(4))
+    x, y = train_batch(learner, range(4))
     with torch.no_grad():
         feats = learner.backbone(x)
         logits = learner.head(feats)
@@ -220,7 +215,7 @@ def test_loss_later_epochs_add_the_retrospective_term_recomputed_every_retro_eve
     calls = []
     real = learner.retrospective_transport
     monkeypatch.setattr(learner, "retrospective_transport", lambda t: calls.append(1) or real(t))
-    x, y = a_batch(learner, range(4))
+    x, y = train_batch(learner, range(4))
     learner.eval()
     with torch.no_grad():
         got = learner.loss(x, y, task, 4, 2, 0)
@@ -274,7 +269,7 @@ def test_checkpoint_replay_rebuilds_same_module_tree(tmp_path):
     grown = [k for k, v in saved.items() if got[k].shape != v.shape]
     assert all(k.startswith(("memory.", "nme_means")) for k in grown), grown
     fresh.load_checkpoint_state(saved)
-    x, _ = a_batch(learner, range(6), 6)
+    x, _ = train_batch(learner, range(6), 6)
     learner.eval()
     fresh.eval()
     with torch.no_grad():

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from helpers import assert_resume_matches_full, make_learner, run_task, tiny_overrides
+from helpers import (
+    assert_resume_matches_full,
+    make_learner,
+    run_task,
+    state_copy,
+    tiny_overrides,
+    train_batch,
+)
 
 import ptcl.methods.der  # noqa: F401  (registers "der" until ptcl.methods imports it)
 from ptcl.heads.linear import IncrementalLinear, expand_linear, weight_align
@@ -21,16 +28,6 @@ def make(tmp_path, **extra) -> tuple[DER, object]:
     return learner, sc
 
 
-def a_batch(learner: DER, classes: range, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` training images (eval transform) of ``classes`` and their labels, as the loader serves them."""
-    ds = learner.ctx.data.images("train", classes, train_transform=False)
-    return next(iter(learner.ctx.data.loader(ds, n, shuffle=False)))
-
-
-def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 def test_aux_targets_old_classes_to_zero_new_class_c_to_c_minus_known_plus_one():
     y = torch.tensor([0, 1, 3, 4, 5, 7])
     assert aux_targets(y, 4).tolist() == [0, 0, 0, 1, 2, 4]
@@ -39,7 +36,7 @@ def test_aux_targets_old_classes_to_zero_new_class_c_to_c_minus_known_plus_one()
 
 def test_feature_width_grows_by_one_extractor_per_task(tmp_path):
     learner, sc = make(tmp_path)
-    x, _ = a_batch(learner, range(2), 4)
+    x, _ = train_batch(learner, range(2), 4)
     for t, task in enumerate(sc.tasks[:3]):
         learner.before_task(task)
         assert len(learner.all_extractors()) == t + 1 and len(learner.extractors) == t
@@ -80,20 +77,20 @@ def test_old_extractors_frozen_no_gradient_eval_mode_and_bit_identical(tmp_path)
     run_task(learner, sc.tasks[0])
     task = sc.tasks[1]
     learner.before_task(task)
-    old = state(learner.backbone)
+    old = state_copy(learner.backbone)
     assert not any(p.requires_grad or p.grad is not None for p in learner.backbone.parameters())
     assert all(p.requires_grad for p in learner.extractors[0].parameters())
     learner.train()
     assert learner.training and not learner.backbone.training and learner.extractors[0].training
     # a training step's gradient reaches the new extractor and the heads only
-    x, y = a_batch(learner, task.classes)
+    x, y = train_batch(learner, task.classes)
     learner.zero_grad(set_to_none=True)
     learner.loss(x, y, task).backward()
     assert all(p.grad is None for p in learner.backbone.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.extractors[0].parameters())
     assert learner.aux_head.weight.grad is not None and learner.head.weight.grad is not None
     learner.zero_grad(set_to_none=True)
-    new_before = state(learner.extractors[0])
+    new_before = state_copy(learner.extractors[0])
     learner.train_task(task)
     learner.after_task(task)
     after = learner.backbone.state_dict()
@@ -106,7 +103,7 @@ def test_batchnorm_statistics_of_old_cnn_extractor_stay(tmp_path):
                                     "backbone.image_size": 32})
     run_task(learner, sc.tasks[0])
     learner.before_task(sc.tasks[1])
-    old = state(learner.backbone)
+    old = state_copy(learner.backbone)
     assert any("running_mean" in k for k in old)
     learner.train_task(sc.tasks[1])
     after = learner.backbone.state_dict()
@@ -121,7 +118,7 @@ def test_loss_is_head_ce_plus_weighted_aux_ce(tmp_path):
     learner.before_task(sc.tasks[0])
     learner.before_task(sc.tasks[1])
     task = sc.tasks[1]
-    x, y = a_batch(learner, range(task.end))
+    x, y = train_batch(learner, range(task.end))
     learner.eval()
     with torch.no_grad():
         feats = learner.features_per_extractor(x)
@@ -132,7 +129,7 @@ def test_loss_is_head_ce_plus_weighted_aux_ce(tmp_path):
         first, _ = make(tmp_path)
         first.before_task(sc.tasks[0])
         first.eval()
-        x0, y0 = a_batch(first, range(2))
+        x0, y0 = train_batch(first, range(2))
         torch.testing.assert_close(first.loss(x0, y0, sc.tasks[0]), F.cross_entropy(first.cnn_logits(x0), y0))
 
 
@@ -166,7 +163,7 @@ def test_checkpoint_replay_rebuilds_same_module_tree(tmp_path):
     # the replayed old extractors are frozen as in the uninterrupted run
     for a, b in zip(learner.all_extractors(), fresh.all_extractors(), strict=True):
         assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in b.parameters()]
-    x, _ = a_batch(learner, range(6), 6)
+    x, _ = train_batch(learner, range(6), 6)
     learner.eval()
     fresh.eval()
     with torch.no_grad():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_resume_matches_full, make_learner, run_task, tiny_overrides
+from helpers import assert_resume_matches_full, make_learner, run_task, tiny_overrides, train_batch
 
 import ptcl
 import ptcl.methods.dgr  # noqa: F401  (registers "dgr" until ptcl.methods imports it)
@@ -25,12 +25,6 @@ def make(tmp_path, init_cls: int = 2, **extra) -> tuple[DGR, object]:
     learner, sc = make_learner(tmp_path, "dgr", {**FAST, **extra}, init_cls=init_cls)
     assert isinstance(learner, DGR)
     return learner, sc
-
-
-def a_batch(learner: DGR, classes, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` training images (eval transform) of ``classes`` with their labels, as the loader serves them."""
-    ds = learner.ctx.data.images("train", classes, train_transform=False)
-    return next(iter(learner.ctx.data.loader(ds, n, shuffle=True, seed=3)))
 
 
 # -- the pieces, on hand examples -------------------------------------------------------------
@@ -92,7 +86,7 @@ def _backward_step(learner: DGR, x, y, task) -> torch.Tensor:
 def test_second_task_losses_prior_and_kd_targets(tmp_path):
     learner, sc = make(tmp_path)
     run_task(learner, sc.tasks[0])
-    x, _ = a_batch(learner, range(4))
+    x, _ = train_batch(learner, range(4), shuffle=True, seed=3)
     learner.eval()
     with torch.no_grad():
         before = learner.cnn_logits(x)
@@ -123,7 +117,7 @@ def test_first_task_head_gradients_are_reweighted_by_accumulated_norms(tmp_path)
     task = sc.tasks[0]
     learner.before_task(task)
     learner.prior = log_prior(learner.class_counts(task))
-    batches = [a_batch(learner, range(3), n) for n in (8, 5)]
+    batches = [train_batch(learner, range(3), n, shuffle=True, seed=3) for n in (8, 5)]
     accum = torch.zeros(3, dtype=torch.float64)
     for x, y in batches:
         learner.train()
@@ -151,7 +145,7 @@ def test_second_task_head_gradients_match_pilots_formula_and_backbone_keeps_the_
     W, b = learner.head.weight, learner.head.bias
     accum = torch.zeros(4, dtype=torch.float64)
     for step in range(2):
-        x, y = a_batch(learner, range(4), 8 - step)
+        x, y = train_batch(learner, range(4), 8 - step, shuffle=True, seed=3)
         learner.train()
         ce, kd = learner.losses(x, y, task)
         gw, gb = torch.autograd.grad(ce, [W, b], retain_graph=True)

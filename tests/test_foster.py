@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_resume_matches_full, make_learner, run_task, tiny_overrides
+from helpers import assert_resume_matches_full, make_learner, run_task, state_copy, tiny_overrides
 
 import ptcl.methods.foster  # noqa: F401  (registers "foster" until ptcl.methods imports it)
 from ptcl.backbones.base import Backbone, Preprocess
@@ -26,10 +26,6 @@ EXTRACTOR_KEY = "patch_embed.proj.weight"  # one per ViT extractor in a state_di
 
 def extractors(learner) -> int:
     return sum(k.endswith(EXTRACTOR_KEY) for k in learner.state_dict())
-
-
-def state(module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 def same(a: dict, b: dict) -> bool:
@@ -103,7 +99,7 @@ def test_one_extractor_after_every_task_and_two_only_while_boosting(tmp_path):
 def test_boosted_model_is_built_from_the_kept_one(tmp_path):
     learner, sc = _learner(tmp_path)
     run_task(learner, sc.tasks[0])
-    kept_bb, kept_w, kept_b = state(learner.backbone), learner.head.weight.clone(), learner.head.bias.clone()
+    kept_bb, kept_w, kept_b = state_copy(learner.backbone), learner.head.weight.clone(), learner.head.bias.clone()
     task = sc.tasks[1]
     learner.before_task(task)
     boost, k, d = learner.boost, task.start, learner.feature_dim
@@ -153,8 +149,8 @@ def test_boosting_trains_the_new_extractor_only_and_compression_the_student_only
     task = sc.tasks[1]
     learner.before_task(task)
     boost = learner.boost
-    old_bb, new_bb = state(boost.old_backbone), state(boost.new_backbone)
-    student_bb, student_head, oldfc = state(learner.backbone), state(learner.head), state(boost.oldfc)
+    old_bb, new_bb = state_copy(boost.old_backbone), state_copy(boost.new_backbone)
+    student_bb, student_head, oldfc = state_copy(learner.backbone), state_copy(learner.head), state_copy(boost.oldfc)
     learner.to(learner.device)
     learner.boosting(task)
     # boosting: the old extractor and head are frozen, the kept (student) model untouched
@@ -166,7 +162,7 @@ def test_boosting_trains_the_new_extractor_only_and_compression_the_student_only
     assert torch.equal(learner.class_counts(task), counts)
     block = boost.fc.weight[task.start:, : learner.feature_dim]
     assert (block.abs().sum() == 0) == (oofc == "az")
-    teacher = state(boost)
+    teacher = state_copy(boost)
     learner.compression(task)
     assert torch.allclose(learner.weights, class_balanced_weights(counts, 0.97))
     assert same(teacher, boost.state_dict())  # the teacher is frozen during compression

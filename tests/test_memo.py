@@ -9,7 +9,14 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_resume_matches_full, fake_context, make_learner, run_task, tiny_overrides
+from helpers import (
+    assert_resume_matches_full,
+    fake_context,
+    make_learner,
+    run_task,
+    state_copy,
+    tiny_overrides,
+)
 from torch import nn
 
 import ptcl.methods.memo  # noqa: F401  (registers "memo" until ptcl.methods imports it)
@@ -20,10 +27,6 @@ from ptcl.methods.memo import MEMO
 
 FAST = {"method.epochs": 1, "method.init_epochs": 1, "method.batch_size": 8, "method.fixed_memory": True,
         "method.memory_per_class": 2}
-
-
-def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -54,10 +57,10 @@ def test_trunk_trains_on_the_first_task_then_is_bit_identical_and_stored_once(tm
     assert any(not torch.equal(pre[k], after0[k]) for k in pre)  # trained with the first task
     backbone_keys = [k for k in learner.state_dict() if k.startswith("backbone.")]
     for t, task in enumerate(sc.tasks[1:3], start=1):
-        olds = [_state(b) for b in learner.specialized]
+        olds = [state_copy(b) for b in learner.specialized]
         learner.before_task(task)
         assert len(learner.specialized) == t + 1
-        assert _equal(_state(learner.specialized[-1]), olds[-1])  # initialised from the previous task's
+        assert _equal(state_copy(learner.specialized[-1]), olds[-1])  # initialised from the previous task's
         assert not any(p.requires_grad for p in learner.shared_parameters())
         assert not any(p.requires_grad for b in learner.specialized[:-1] for p in b.parameters())
         assert all(p.requires_grad for p in learner.specialized[-1].parameters())
@@ -65,8 +68,8 @@ def test_trunk_trains_on_the_first_task_then_is_bit_identical_and_stored_once(tm
         learner.after_task(task)
         assert _equal(_shared(learner), after0)  # frozen: bit-identical after task 0's training
         for b, old in zip(learner.specialized[:-1], olds, strict=True):
-            assert _equal(_state(b), old)  # old specialized blocks frozen
-        assert not _equal(_state(learner.specialized[-1]), olds[-1])  # the new one trained
+            assert _equal(state_copy(b), old)  # old specialized blocks frozen
+        assert not _equal(state_copy(learner.specialized[-1]), olds[-1])  # the new one trained
     sd = learner.state_dict()
     # one set of trunk weights however many tasks; one specialized set per task
     assert [k for k in sd if k.startswith("backbone.")] == backbone_keys
@@ -168,10 +171,10 @@ def test_efficientnet_split_and_frozen_batchnorm(tmp_path):
         torch.testing.assert_close(learner.embed(x), learner.backbone(x))
     learner.train_task(sc.tasks[0])
     learner.after_task(sc.tasks[0])
-    trunk, old = _shared(learner), _state(branch)
+    trunk, old = _shared(learner), state_copy(branch)
     run_task(learner, sc.tasks[1])
     assert _equal(_shared(learner), trunk)  # weights and batch-norm statistics
-    assert _equal(_state(learner.specialized[0]), old)
+    assert _equal(state_copy(learner.specialized[0]), old)
     assert learner.feature_dim == 2560 and learner.cnn_logits(x).shape == (2, 4)
 
 
