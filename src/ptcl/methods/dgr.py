@@ -70,7 +70,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -211,12 +210,6 @@ class DGR(RehearsalLearner):
         self.grad_accum = torch.zeros(task.end, dtype=torch.float64, device=device)
 
     # -- training ----------------------------------------------------------------------------
-    def class_counts(self, task: Task) -> torch.Tensor:
-        """Training samples per seen class ``(task.end,)`` in this task's training set (the
-        task's images plus the exemplars; PILOT ``label_distribution``)."""
-        labels = np.asarray(self.train_dataset(task).labels)
-        return torch.from_numpy(np.bincount(labels, minlength=task.end)[: task.end]).long()
-
     def losses(self, x: torch.Tensor, y: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(L_ce, L_kd)`` on a batch: the prior-adjusted CE over the seen classes and
         (from the second task on, else ``None``) the KD of the old classes' logits."""

@@ -262,15 +262,6 @@ class FOSTER(RehearsalLearner):
         return self
 
     # -- training ------------------------------------------------------------------------------
-    def class_counts(self, task: Task) -> torch.Tensor:
-        """Samples per seen class ``(task.end,)`` of the task's training set: exemplars held
-        for the old classes, training images for the new ones."""
-        data = self.ctx.data
-        labels = data.label["train"][data.positions("train", task.classes)]
-        counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=task.end)
-        counts[: task.start] = torch.bincount(self.memory.labels.cpu(), minlength=task.end)[: task.start]
-        return counts
-
     def train_task(self, task: Task) -> None:
         self.to(self.device)
         if task.index == 0:

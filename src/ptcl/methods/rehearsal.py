@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -160,6 +161,15 @@ class RehearsalLearner(Learner):
     def train_dataset(self, task: Task) -> TaskImages:
         """The task's training images (train augmentation) followed by the exemplars."""
         return images_with_memory(self.ctx.data, task.classes, self.memory, train_transform=True)
+
+    def class_counts(self, task: Task) -> torch.Tensor:
+        """Samples per seen class ``(task.end,)`` (long) in ``task``'s training set
+        (:meth:`train_dataset`): the task's images for its new classes, the exemplars held for
+        the old ones (FOSTER's class-balanced weights, DGR's class prior)."""
+        data = self.ctx.data
+        labels = np.concatenate([data.label["train"][data.positions("train", task.classes)],
+                                 self.memory.labels.cpu().numpy()])
+        return torch.from_numpy(np.bincount(labels, minlength=task.end)[: task.end]).long()
 
     def fit_task(self, task: Task, step: Callable, params, desc: str | None = None, epochs: int | None = None,
                  cfg: RehearsalConfig | None = None, callbacks: Sequence[Callback] = ()) -> list[float]:
